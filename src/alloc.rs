@@ -1,0 +1,112 @@
+//! The wrapper: a `GlobalAlloc` that forwards to an inner allocator and counts.
+
+use std::alloc::{GlobalAlloc, Layout};
+
+use crate::counter::{self, DEFAULT_SLACK};
+
+/// The inner allocator used when none is named: jemalloc with the `jemalloc`
+/// feature (the default), `std::alloc::System` without it.
+#[cfg(feature = "jemalloc")]
+pub type DefaultInner = tikv_jemallocator::Jemalloc;
+/// The inner allocator used when none is named: jemalloc with the `jemalloc`
+/// feature (the default), `std::alloc::System` without it.
+#[cfg(not(feature = "jemalloc"))]
+pub type DefaultInner = std::alloc::System;
+
+/// A global allocator that counts live heap bytes in-band and trips the
+/// shutdown latch when they cross the threshold.
+///
+/// Every `MemWatch` in a process shares one counter and one latch: a process
+/// has one global allocator, and the count is the process's.
+///
+/// ```
+/// use memwatch::MemWatch;
+///
+/// #[global_allocator]
+/// static GLOBAL: MemWatch = MemWatch::new(memwatch::Jemalloc);
+/// # fn main() { let v = vec![0u8; 1024]; assert!(memwatch::live_bytes() >= v.len()); }
+/// ```
+pub struct MemWatch<A = DefaultInner> {
+    inner: A,
+    slack: usize,
+}
+
+impl<A> MemWatch<A> {
+    /// Wraps `inner` with the default slack, [`DEFAULT_SLACK`] (4 MiB).
+    pub const fn new(inner: A) -> Self {
+        MemWatch {
+            inner,
+            slack: DEFAULT_SLACK,
+        }
+    }
+
+    /// Sets the per-thread slack in bytes: how far a thread's uncounted delta
+    /// may grow before it is folded into the shared total that the threshold
+    /// check reads. The check can be late (or early) by less than `slack`
+    /// per thread. `0` folds every call: exact, and as slow as one shared
+    /// atomic.
+    pub const fn with_slack(mut self, slack: usize) -> Self {
+        self.slack = slack;
+        self
+    }
+
+    /// The per-thread slack in bytes.
+    pub const fn slack(&self) -> usize {
+        self.slack
+    }
+
+    /// The inner allocator.
+    pub const fn inner(&self) -> &A {
+        &self.inner
+    }
+}
+
+// `Layout::size()` is at most `isize::MAX`, so the `as isize` casts below are
+// lossless; the realloc difference of two such sizes cannot overflow either.
+//
+// SAFETY: every method forwards to the inner allocator with the caller's
+// arguments unchanged and returns its result unchanged, so `MemWatch` upholds
+// `GlobalAlloc`'s contract exactly when `A` does. Counting touches only
+// atomics and allocation-free thread-locals (see `counter`), never the memory
+// itself, and never unwinds.
+unsafe impl<A: GlobalAlloc> GlobalAlloc for MemWatch<A> {
+    #[inline]
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: the caller upholds `alloc`'s contract for `layout`.
+        let ptr = unsafe { self.inner.alloc(layout) };
+        if !ptr.is_null() {
+            counter::record(layout.size() as isize, self.slack);
+        }
+        ptr
+    }
+
+    #[inline]
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: the caller upholds `alloc_zeroed`'s contract for `layout`.
+        let ptr = unsafe { self.inner.alloc_zeroed(layout) };
+        if !ptr.is_null() {
+            counter::record(layout.size() as isize, self.slack);
+        }
+        ptr
+    }
+
+    #[inline]
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: the caller guarantees `ptr` came from this allocator (hence
+        // from `inner`, since every method forwards) with `layout`.
+        unsafe { self.inner.dealloc(ptr, layout) };
+        counter::record(-(layout.size() as isize), self.slack);
+    }
+
+    #[inline]
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: the caller upholds `realloc`'s contract; `ptr` came from
+        // `inner` as in `dealloc`.
+        let new = unsafe { self.inner.realloc(ptr, layout, new_size) };
+        // A null result leaves the old block allocated: nothing changed.
+        if !new.is_null() {
+            counter::record(new_size as isize - layout.size() as isize, self.slack);
+        }
+        new
+    }
+}

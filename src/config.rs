@@ -1,0 +1,254 @@
+//! Reading the environment: the threshold and the grace period.
+
+use std::fmt;
+use std::time::Duration;
+
+/// The threshold, in MiB. Unset, empty or `0` means off.
+pub const THRESHOLD_ENV: &str = "ELASTICKV_MEMORY_SHUTDOWN_THRESHOLD_MB";
+
+/// How long the shutdown hooks may take, as `500ms`, `10s` or `2m`.
+pub const GRACE_ENV: &str = "ELASTICKV_MEMORY_SHUTDOWN_GRACE";
+
+/// The threshold unit: a MiB, 1,048,576 bytes, as in the Go watchdog this
+/// crate follows (`ELASTICKV_MEMORY_SHUTDOWN_THRESHOLD_MB` × 1024 × 1024).
+pub const BYTES_PER_MIB: u64 = 1 << 20;
+
+/// The grace period when [`GRACE_ENV`] is unset: 30 seconds, the default
+/// `terminationGracePeriodSeconds` of a Kubernetes pod, so hooks that fit a
+/// normal stop fit here too.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(30);
+
+/// The exit code of a memory-pressure shutdown: distinct from a normal stop
+/// (0) and from a crash or a `main` returning an error (1), as in the Go
+/// watchdog this crate follows.
+pub const DEFAULT_EXIT_CODE: i32 = 2;
+
+/// A malformed configuration value. Its `Display` names the variable, the
+/// value and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    variable: &'static str,
+    value: String,
+    problem: Problem,
+}
+
+/// What is wrong with a value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Problem {
+    /// Not a whole, non-negative decimal number of MiB.
+    NotANumber,
+    /// The number of MiB, multiplied to bytes, does not fit in 64 bits.
+    Overflow,
+    /// The byte count is larger than any allocation this platform can hold
+    /// (`isize::MAX`).
+    TooLarge,
+    /// Not a duration of the form `<integer><ms|s|m>`.
+    NotADuration,
+}
+
+impl ConfigError {
+    pub(crate) fn new(variable: &'static str, value: &str, problem: Problem) -> Self {
+        ConfigError {
+            variable,
+            value: value.to_owned(),
+            problem,
+        }
+    }
+
+    /// The environment variable that held the value.
+    pub fn variable(&self) -> &'static str {
+        self.variable
+    }
+
+    /// The value as it was read.
+    pub fn value(&self) -> &str {
+        &self.value
+    }
+
+    /// What is wrong with it.
+    pub fn problem(&self) -> Problem {
+        self.problem
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let why = match self.problem {
+            Problem::NotANumber => "expected a whole number of MiB, such as 2048".to_owned(),
+            Problem::Overflow => "the number of MiB times 1,048,576 overflows 64 bits".to_owned(),
+            Problem::TooLarge => format!(
+                "the threshold in bytes exceeds the largest size this platform can allocate ({} bytes)",
+                isize::MAX
+            ),
+            Problem::NotADuration => "expected a duration such as 500ms, 10s or 2m".to_owned(),
+        };
+        write!(f, "invalid {}={:?}: {}", self.variable, self.value, why)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Parses a threshold in MiB into bytes. `None` means off (empty or zero).
+///
+/// Surrounding whitespace is ignored; anything but ASCII digits is rejected
+/// (no sign, no fraction, no hex), as is a value whose bytes overflow 64 bits
+/// or exceed `isize::MAX`.
+pub fn parse_threshold_mb(raw: &str) -> Result<Option<u64>, ConfigError> {
+    let err = |problem| ConfigError::new(THRESHOLD_ENV, raw, problem);
+    let text = raw.trim();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    if !text.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(err(Problem::NotANumber));
+    }
+    // All digits: the only way `parse` fails now is a number past u64.
+    let mib: u64 = text.parse().map_err(|_| err(Problem::Overflow))?;
+    if mib == 0 {
+        return Ok(None);
+    }
+    let bytes = mib
+        .checked_mul(BYTES_PER_MIB)
+        .ok_or_else(|| err(Problem::Overflow))?;
+    if isize::try_from(bytes).is_err() {
+        return Err(err(Problem::TooLarge));
+    }
+    Ok(Some(bytes))
+}
+
+/// Parses a grace period: a whole number followed by `ms`, `s` or `m`.
+/// Empty means the default, [`DEFAULT_GRACE`].
+pub fn parse_grace(raw: &str) -> Result<Duration, ConfigError> {
+    let err = || ConfigError::new(GRACE_ENV, raw, Problem::NotADuration);
+    let text = raw.trim();
+    if text.is_empty() {
+        return Ok(DEFAULT_GRACE);
+    }
+    let digits = text.bytes().take_while(u8::is_ascii_digit).count();
+    let (number, unit) = text.split_at(digits);
+    if number.is_empty() {
+        return Err(err());
+    }
+    let n: u64 = number.parse().map_err(|_| err())?;
+    let duration = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.checked_mul(60).ok_or_else(err)?),
+        _ => return Err(err()),
+    };
+    Ok(duration)
+}
+
+/// The configuration read from the environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct EnvConfig {
+    /// Threshold in bytes; `None` is off.
+    pub(crate) threshold: Option<u64>,
+    pub(crate) grace: Duration,
+}
+
+/// Reads [`THRESHOLD_ENV`] and [`GRACE_ENV`]. A value that is not valid
+/// Unicode is malformed too.
+pub(crate) fn from_env() -> Result<EnvConfig, ConfigError> {
+    let threshold = match read(THRESHOLD_ENV, Problem::NotANumber)? {
+        Some(raw) => parse_threshold_mb(&raw)?,
+        None => None,
+    };
+    let grace = match read(GRACE_ENV, Problem::NotADuration)? {
+        Some(raw) => parse_grace(&raw)?,
+        None => DEFAULT_GRACE,
+    };
+    Ok(EnvConfig { threshold, grace })
+}
+
+fn read(variable: &'static str, problem: Problem) -> Result<Option<String>, ConfigError> {
+    match std::env::var(variable) {
+        Ok(value) => Ok(Some(value)),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(raw)) => {
+            Err(ConfigError::new(variable, &raw.to_string_lossy(), problem))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn threshold_table() {
+        let max_mib_in_u64 = u64::MAX / BYTES_PER_MIB; // 17592186044415
+        let max_mib_in_isize = isize::MAX as u64 / BYTES_PER_MIB;
+        let cases: Vec<(String, Result<Option<u64>, Problem>)> = vec![
+            ("".into(), Ok(None)),
+            ("   ".into(), Ok(None)),
+            ("0".into(), Ok(None)),
+            ("000".into(), Ok(None)),
+            ("64".into(), Ok(Some(64 << 20))),
+            (" 64\n".into(), Ok(Some(64 << 20))),
+            ("\t2048 ".into(), Ok(Some(2048 << 20))),
+            ("1".into(), Ok(Some(1 << 20))),
+            ("abc".into(), Err(Problem::NotANumber)),
+            ("-5".into(), Err(Problem::NotANumber)),
+            ("+5".into(), Err(Problem::NotANumber)),
+            ("1.5".into(), Err(Problem::NotANumber)),
+            ("0x40".into(), Err(Problem::NotANumber)),
+            ("64MB".into(), Err(Problem::NotANumber)),
+            ("6 4".into(), Err(Problem::NotANumber)),
+            ("18446744073709551616".into(), Err(Problem::Overflow)),
+            ((max_mib_in_u64 + 1).to_string(), Err(Problem::Overflow)),
+            (
+                max_mib_in_isize.to_string(),
+                Ok(Some(max_mib_in_isize << 20)),
+            ),
+        ];
+        if cfg!(target_pointer_width = "64") {
+            // Fits in u64 bytes, but not in isize: past what this platform
+            // can allocate.
+            let e = parse_threshold_mb(&max_mib_in_u64.to_string()).unwrap_err();
+            assert_eq!(e.problem(), Problem::TooLarge);
+        }
+        for (raw, want) in cases {
+            let got = parse_threshold_mb(&raw).map_err(|e| e.problem());
+            assert_eq!(got, want, "input {raw:?}");
+        }
+    }
+
+    #[test]
+    fn grace_table() {
+        let ok = [
+            ("", DEFAULT_GRACE),
+            ("10s", Duration::from_secs(10)),
+            (" 500ms ", Duration::from_millis(500)),
+            ("2m", Duration::from_secs(120)),
+            ("0s", Duration::ZERO),
+        ];
+        for (raw, want) in ok {
+            assert_eq!(parse_grace(raw), Ok(want), "input {raw:?}");
+        }
+        for raw in [
+            "10",
+            "abc",
+            "1.5s",
+            "-1s",
+            "10 s",
+            "s",
+            "5h",
+            "10S",
+            "99999999999999999999s",
+        ] {
+            let e = parse_grace(raw).unwrap_err();
+            assert_eq!(e.variable(), GRACE_ENV);
+            assert_eq!(e.problem(), Problem::NotADuration, "input {raw:?}");
+        }
+    }
+
+    #[test]
+    fn error_names_variable_and_value() {
+        let e = parse_threshold_mb("abc").unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains(THRESHOLD_ENV), "{text}");
+        assert!(text.contains("\"abc\""), "{text}");
+    }
+}

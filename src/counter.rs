@@ -1,0 +1,217 @@
+//! The per-thread batched counter: where every allocation and free is counted.
+//!
+//! The design is the Linux kernel's `percpu_counter`, with threads in place of
+//! CPUs, and ClickHouse's per-thread "untracked memory" for the default slack:
+//!
+//! - each thread owns one cache-padded [`Slot`] in a static table and adds every
+//!   allocation (+size) and free (-size) to its slot's `pending` delta; nobody
+//!   else writes that word, so the update is a plain load and store on a cache
+//!   line no other core touches;
+//! - when `|pending|` reaches the slack, the thread folds it into the shared
+//!   [`TOTAL`] with one `fetch_add`, and that fold is where the threshold is
+//!   checked (see [`crate::latch`]);
+//! - when a thread exits, a thread-local destructor folds what is left and frees
+//!   the slot for the next thread;
+//! - a thread without a slot (while it registers, after its thread-locals are
+//!   destroyed, or when all slots are taken) adds straight to `TOTAL`.
+//!
+//! The exact reading is `TOTAL` plus every slot's `pending`. It is exact once
+//! threads are quiescent. The shared `TOTAL` alone, which the threshold check
+//! sees, is off by less than `slack` per thread that holds a slot.
+//!
+//! Nothing here allocates, locks, logs, panics or blocks.
+
+use std::cell::Cell;
+use std::ptr;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::AtomicIsize;
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+
+use crate::latch;
+
+/// Default per-thread slack, in bytes: 4 MiB, ClickHouse's default
+/// `max_untracked_memory`. It makes alloc/free pairs up to 4 MiB free of any
+/// shared write, and bounds the threshold check's error at 4 MiB per thread.
+pub const DEFAULT_SLACK: usize = 4 << 20;
+
+/// How many threads can hold a slot at once. Threads beyond this count stay
+/// exact but update the shared total directly, which is slower under
+/// contention. 256 slots of 128 bytes are 32 KiB of static memory.
+pub const SLOTS: usize = 256;
+
+/// One thread's pending delta, alone on its cache line pair.
+///
+/// 128 bytes, not 64: on x86_64 the spatial prefetcher pulls cache lines in
+/// pairs, so two 64-byte neighbours still false-share (crossbeam-utils'
+/// `CachePadded` uses 128 bytes on x86_64 and aarch64 for the same reason).
+#[repr(align(128))]
+pub(crate) struct Slot {
+    /// Bytes allocated minus bytes freed by the owning thread, not yet folded.
+    /// Written only by the owner; read by anyone summing the exact reading.
+    pending: AtomicIsize,
+    /// Whether a live thread owns this slot.
+    taken: AtomicBool,
+}
+
+impl Slot {
+    const fn new() -> Self {
+        Slot {
+            pending: AtomicIsize::new(0),
+            taken: AtomicBool::new(false),
+        }
+    }
+}
+
+static TABLE: [Slot; SLOTS] = [const { Slot::new() }; SLOTS];
+
+/// The folded total of live bytes.
+static TOTAL: AtomicIsize = AtomicIsize::new(0);
+
+/// A thread's relation to the slot table.
+const UNREGISTERED: u8 = 0;
+/// Claiming a slot and registering the exit destructor: allocations made by
+/// the registration itself land here and go straight to `TOTAL`.
+const REGISTERING: u8 = 1;
+/// Holds a slot (`MINE` is set).
+const ACTIVE: u8 = 2;
+/// No slot for this thread, for good: its destructor ran, the table was full,
+/// or the destructor could not be registered. Every call goes to `TOTAL`.
+const DIRECT: u8 = 3;
+
+thread_local! {
+    // `const` initialisers and no `Drop`: these are plain TLS words, usable
+    // at any point of a thread's life, including while other thread-locals
+    // are being destroyed. Touching them never allocates.
+    static MINE: Cell<*const Slot> = const { Cell::new(ptr::null()) };
+    static STATE: Cell<u8> = const { Cell::new(UNREGISTERED) };
+    // The one thread-local with a destructor. It is touched only once per
+    // thread, in `register`, under the `REGISTERING` state.
+    static RELEASE: SlotRelease = const { SlotRelease };
+}
+
+/// Records `delta` bytes for the calling thread. `slack` is the batching
+/// bound: pending deltas whose magnitude reaches it are folded.
+#[inline(always)]
+pub(crate) fn record(delta: isize, slack: usize) {
+    let mine = MINE.with(Cell::get);
+    if mine.is_null() {
+        return record_slow(delta, slack);
+    }
+    // SAFETY: `MINE` only ever holds null or the address of an element of
+    // the static `TABLE`, which lives for the whole program.
+    let slot = unsafe { &*mine };
+    // Relaxed is enough: only this thread writes `pending`, so it reads its
+    // own last store; readers summing the table tolerate a stale value (the
+    // reading is only promised exact once threads are quiescent, and joining
+    // or otherwise synchronising with a thread publishes its stores).
+    let pending = slot.pending.load(Relaxed).wrapping_add(delta);
+    if pending.unsigned_abs() < slack {
+        slot.pending.store(pending, Relaxed);
+    } else {
+        // Fold first, then clear: a concurrent reader may briefly count the
+        // delta twice, never lose it from both places at once.
+        fold(pending);
+        slot.pending.store(0, Relaxed);
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn record_slow(delta: isize, slack: usize) {
+    if STATE.with(Cell::get) == UNREGISTERED {
+        register();
+        if !MINE.with(Cell::get).is_null() {
+            return record(delta, slack);
+        }
+    }
+    fold(delta);
+}
+
+/// Adds `delta` to the shared total and lets the latch look at the result.
+#[inline]
+fn fold(delta: isize) {
+    // Relaxed is enough: `TOTAL` is a statistic. The latch's own
+    // compare-and-swap carries the ordering that the watchdog relies on.
+    let now = TOTAL.fetch_add(delta, Relaxed).wrapping_add(delta);
+    latch::observe(now);
+}
+
+/// Claims a slot for the calling thread and arranges for its release at exit.
+fn register() {
+    STATE.with(|s| s.set(REGISTERING));
+    let Some(slot) = claim() else {
+        STATE.with(|s| s.set(DIRECT));
+        return;
+    };
+    // The first touch of `RELEASE` registers its destructor. That can
+    // allocate (glibc's `__cxa_thread_atexit_impl` callocs, std's fallback
+    // pushes to a Vec) and so re-enter the allocator; the re-entrant calls see
+    // `REGISTERING` and go straight to `TOTAL`, so this cannot recurse.
+    if RELEASE.try_with(|_| ()).is_ok() {
+        MINE.with(|m| m.set(slot));
+        STATE.with(|s| s.set(ACTIVE));
+    } else {
+        // The thread is already tearing its locals down.
+        slot.taken.store(false, Release);
+        STATE.with(|s| s.set(DIRECT));
+    }
+}
+
+fn claim() -> Option<&'static Slot> {
+    TABLE.iter().find(|slot| {
+        // A cheap look before the read-modify-write keeps the scan from
+        // bouncing cache lines that other threads own.
+        !slot.taken.load(Relaxed)
+            // Acquire pairs with the Release in `SlotRelease::drop`: the new
+            // owner sees the previous owner's final `pending = 0`.
+            && slot
+                .taken
+                .compare_exchange(false, true, Acquire, Relaxed)
+                .is_ok()
+    })
+}
+
+/// Folds the exiting thread's pending delta and frees its slot.
+struct SlotRelease;
+
+impl Drop for SlotRelease {
+    fn drop(&mut self) {
+        let mine = MINE.with(|m| m.replace(ptr::null()));
+        // From now on, this thread's calls (other thread-locals' destructors
+        // free memory too) go straight to `TOTAL`.
+        STATE.with(|s| s.set(DIRECT));
+        if mine.is_null() {
+            return;
+        }
+        // SAFETY: as in `record`, a non-null `MINE` points into `TABLE`.
+        let slot = unsafe { &*mine };
+        let pending = slot.pending.load(Relaxed);
+        fold(pending);
+        slot.pending.store(0, Relaxed);
+        // Release pairs with the Acquire in `claim`.
+        slot.taken.store(false, Release);
+    }
+}
+
+/// The exact reading: the folded total plus every thread's pending delta.
+///
+/// Exact once threads are quiescent; while they run, off by what they are
+/// folding at that instant. Costs one load per slot (256), no lock.
+pub(crate) fn live_bytes() -> isize {
+    // Relaxed loads: a statistic, see `record`.
+    TABLE.iter().fold(TOTAL.load(Relaxed), |sum, slot| {
+        sum.wrapping_add(slot.pending.load(Relaxed))
+    })
+}
+
+/// The folded total alone, what the threshold check compares.
+#[cfg(test)]
+pub(crate) fn folded_bytes() -> isize {
+    TOTAL.load(Relaxed)
+}
+
+/// How many slots live threads hold now.
+#[cfg(test)]
+pub(crate) fn threads_with_slots() -> usize {
+    TABLE.iter().filter(|s| s.taken.load(Relaxed)).count()
+}

@@ -1,0 +1,103 @@
+//! memwatch counts live heap bytes in the global allocator and, the moment
+//! they cross a threshold, shuts the process down in order with exit code 2,
+//! before the kernel OOM-killer can SIGKILL it mid-write.
+//!
+//! ```no_run
+//! #[global_allocator]
+//! static GLOBAL: memwatch::MemWatch = memwatch::MemWatch::new(memwatch::Jemalloc);
+//!
+//! fn main() {
+//!     let watchdog = memwatch::Watchdog::from_env() // ELASTICKV_MEMORY_SHUTDOWN_THRESHOLD_MB
+//!         .on_shutdown("flush", || { /* stop intake, flush, fsync */ })
+//!         .start();
+//!     // ... serve ...
+//!     watchdog.exit_if_tripped();
+//! }
+//! ```
+//!
+//! # How it works
+//!
+//! - [`MemWatch`] wraps an inner allocator (jemalloc by default,
+//!   [`std::alloc::System`] or any other [`GlobalAlloc`](std::alloc::GlobalAlloc)).
+//!   Every alloc, realloc and free adds its requested size to the calling
+//!   thread's pending delta; a delta that reaches the slack (4 MiB by default)
+//!   is folded into one shared total. There is no polling.
+//! - The fold that first takes the shared total above the threshold flips a
+//!   one-shot latch and wakes the watchdog thread, without allocating.
+//! - The [`Watchdog`] logs one error line with the figures, runs the
+//!   application's shutdown hooks in order on its own thread, bounded by a
+//!   grace period, and exits with code 2.
+//!
+//! # Configuration
+//!
+//! | variable | meaning | default |
+//! |---|---|---|
+//! | `ELASTICKV_MEMORY_SHUTDOWN_THRESHOLD_MB` | threshold in MiB (× 1,048,576 bytes); unset, empty or `0` is off | off |
+//! | `ELASTICKV_MEMORY_SHUTDOWN_GRACE` | time the hooks may take: `500ms`, `10s`, `2m` | `30s` |
+//!
+//! A malformed value gives one warning naming the variable and the value, and
+//! the watchdog stays off. Warnings go through the [`log`] crate; if the
+//! application installed no logger, warnings and errors go to standard error.
+//!
+//! # Exit codes
+//!
+//! 0 is a normal stop, 1 a crash or an error returned from `main`, and 2 a
+//! memory-pressure shutdown ([`Watchdog::exit_code`] changes it).
+//!
+//! # Accuracy
+//!
+//! [`live_bytes`] is exact once threads are quiescent, however many threads
+//! came and went. The threshold check sees the folded total, which is off by
+//! less than the slack for each thread that is allocating: with the default
+//! 4 MiB slack and 16 busy threads, the trip can come up to 64 MiB early or
+//! late. [`MemWatch::with_slack`] trades speed for a tighter bound. Counted are
+//! the sizes Rust code asks for; jemalloc's size-class rounding, its metadata,
+//! memory that C libraries `malloc` directly, `mmap` and thread stacks are
+//! not. See `docs/design.md`.
+//!
+//! # Crate features
+//!
+//! - `jemalloc` (default): re-exports [`Jemalloc`] as the default inner
+//!   allocator and adds jemalloc's own figures to the trip report
+//!   ([`jemalloc_stats`]).
+//!
+//! # Why `unsafe`
+//!
+//! Implementing [`GlobalAlloc`](std::alloc::GlobalAlloc) is unsafe by
+//! definition; the wrapper forwards every call unchanged. The per-thread
+//! counter dereferences a pointer into a static table. Each block says why it
+//! is sound.
+//!
+//! # MSRV
+//!
+//! Rust 1.80.
+
+#![deny(missing_docs)]
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(clippy::undocumented_unsafe_blocks)]
+
+mod alloc;
+mod config;
+mod counter;
+mod latch;
+mod stats;
+mod watchdog;
+
+#[cfg(test)]
+mod tests;
+
+pub use crate::alloc::{DefaultInner, MemWatch};
+pub use crate::config::{
+    parse_grace, parse_threshold_mb, ConfigError, Problem, BYTES_PER_MIB, DEFAULT_EXIT_CODE,
+    DEFAULT_GRACE, GRACE_ENV, THRESHOLD_ENV,
+};
+pub use crate::counter::{DEFAULT_SLACK, SLOTS};
+pub use crate::stats::{
+    jemalloc_stats, live_bytes, peak_bytes, snapshot, threshold_bytes, tripped, JemallocStats,
+    Snapshot,
+};
+pub use crate::watchdog::{wait_tripped, wait_tripped_timeout, Watchdog, WatchdogHandle};
+
+/// jemalloc, the default inner allocator (re-exported from `tikv-jemallocator`).
+#[cfg(feature = "jemalloc")]
+pub use tikv_jemallocator::Jemalloc;

@@ -1,0 +1,108 @@
+//! Readings: memwatch's own count and, where jemalloc is in use, jemalloc's.
+
+use std::fmt;
+
+use crate::{counter, latch};
+
+/// A point-in-time reading of memwatch's figures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Live heap bytes: requested sizes allocated and not yet freed.
+    pub live_bytes: usize,
+    /// The highest folded total seen (accurate to the slack per thread).
+    pub peak_bytes: usize,
+    /// The armed threshold in bytes, if the watchdog runs.
+    pub threshold_bytes: Option<usize>,
+    /// The folded total that tripped the latch, if it has tripped.
+    pub tripped_at_bytes: Option<usize>,
+}
+
+/// Live heap bytes through the memwatch allocator: the sum of requested sizes
+/// allocated and not yet freed, by every thread.
+///
+/// Exact once threads are quiescent (no allocation in flight). Costs a few
+/// hundred relaxed loads and no lock: fine for a metrics endpoint.
+pub fn live_bytes() -> usize {
+    clamp(counter::live_bytes())
+}
+
+/// The highest live-bytes figure seen at a fold. Folds happen when a thread's
+/// pending delta reaches the slack, so this can read low by up to the slack
+/// times the number of threads.
+pub fn peak_bytes() -> usize {
+    clamp(latch::peak())
+}
+
+/// The threshold in bytes, if a watchdog armed one.
+pub fn threshold_bytes() -> Option<usize> {
+    latch::threshold().map(clamp)
+}
+
+/// Whether the latch has tripped. One atomic load.
+pub fn tripped() -> bool {
+    latch::tripped_at().is_some()
+}
+
+/// All of memwatch's figures at once.
+pub fn snapshot() -> Snapshot {
+    Snapshot {
+        live_bytes: live_bytes(),
+        peak_bytes: peak_bytes(),
+        threshold_bytes: threshold_bytes(),
+        tripped_at_bytes: latch::tripped_at().map(clamp),
+    }
+}
+
+fn clamp(n: isize) -> usize {
+    usize::try_from(n).unwrap_or(0)
+}
+
+/// jemalloc's own figures, in bytes (see jemalloc's `stats.*` mallctl names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JemallocStats {
+    /// `stats.allocated`: bytes in live allocations, rounded up to size classes.
+    pub allocated: usize,
+    /// `stats.active`: bytes in active pages (a multiple of the page size).
+    pub active: usize,
+    /// `stats.resident`: bytes in physically resident data pages.
+    pub resident: usize,
+    /// `stats.mapped`: bytes in extents mapped by the allocator.
+    pub mapped: usize,
+    /// `stats.retained`: bytes retained (unmapped from use but kept virtual).
+    pub retained: usize,
+}
+
+impl fmt::Display for JemallocStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "jemalloc allocated={} active={} resident={} mapped={} retained={}",
+            self.allocated, self.active, self.resident, self.mapped, self.retained
+        )
+    }
+}
+
+/// Reads jemalloc's statistics after advancing its epoch, or `None` when the
+/// `jemalloc` feature is off, a read fails, or jemalloc has handed out no
+/// memory in this process (it is not the inner allocator).
+///
+/// Call it off the allocator path: it goes through jemalloc's `mallctl`.
+pub fn jemalloc_stats() -> Option<JemallocStats> {
+    #[cfg(feature = "jemalloc")]
+    {
+        use tikv_jemalloc_ctl::{epoch, stats};
+        epoch::advance().ok()?;
+        let s = JemallocStats {
+            allocated: stats::allocated::read().ok()?,
+            active: stats::active::read().ok()?,
+            resident: stats::resident::read().ok()?,
+            mapped: stats::mapped::read().ok()?,
+            retained: stats::retained::read().ok()?,
+        };
+        (s.allocated > 0).then_some(s)
+    }
+    #[cfg(not(feature = "jemalloc"))]
+    {
+        None
+    }
+}

@@ -1,0 +1,179 @@
+//! Unit tests of the counter and the latch, driven through a `MemWatch`
+//! instance called directly. This test binary's global allocator is the
+//! default one, so only these calls move the shared count; the tests that
+//! touch it are serialised by `LOCK`.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::mpsc;
+use std::thread;
+
+use parking_lot::Mutex;
+
+use crate::counter;
+use crate::MemWatch;
+
+static LOCK: Mutex<()> = Mutex::new(());
+
+static SMALL: MemWatch<System> = MemWatch::new(System).with_slack(64 << 10);
+
+struct Block(*mut u8, Layout);
+// SAFETY: a `Block` is an owned heap allocation; freeing it from another
+// thread is what the allocator contract allows.
+unsafe impl Send for Block {}
+
+fn alloc(a: &MemWatch<System>, size: usize) -> Block {
+    let layout = Layout::from_size_align(size, 8).unwrap();
+    // SAFETY: `layout` has a non-zero size.
+    let p = unsafe { a.alloc(layout) };
+    assert!(!p.is_null());
+    Block(p, layout)
+}
+
+fn free(a: &MemWatch<System>, b: Block) {
+    // SAFETY: `b` came from `alloc` on a `MemWatch<System>`, which forwards to
+    // `System` whatever its slack, with this layout.
+    unsafe { a.dealloc(b.0, b.1) }
+}
+
+#[test]
+fn exact_under_threads_with_cross_thread_frees_and_exits() {
+    let _g = LOCK.lock();
+    let before = counter::live_bytes();
+    let (tx, rx) = mpsc::channel::<Block>();
+    let rx = std::sync::Arc::new(Mutex::new(rx));
+    let mut leaked = Vec::new();
+    let mut expected_leak = 0usize;
+    for round in 0..20 {
+        let mut handles = Vec::new();
+        for t in 0..8 {
+            let tx = tx.clone();
+            let rx = rx.clone();
+            handles.push(thread::spawn(move || {
+                let mut keep = Vec::new();
+                for i in 0..500 {
+                    let size = 1 + (i * 37 + t * 101 + round) % 3000;
+                    let b = alloc(&SMALL, size);
+                    if i % 3 == 0 {
+                        tx.send(b).unwrap();
+                    } else if i % 3 == 1 {
+                        keep.push(b);
+                    } else {
+                        free(&SMALL, b);
+                    }
+                    // Free a block that another thread allocated.
+                    if let Ok(b) = rx.lock().try_recv() {
+                        free(&SMALL, b);
+                    }
+                    // Realloc up and down.
+                    if i % 50 == 0 {
+                        let b = alloc(&SMALL, 100);
+                        // SAFETY: `b` came from `SMALL` with `b.1`.
+                        let p = unsafe { SMALL.realloc(b.0, b.1, 200_000) };
+                        assert!(!p.is_null());
+                        let l = Layout::from_size_align(200_000, 8).unwrap();
+                        // SAFETY: as above, now with the new layout.
+                        let p = unsafe { SMALL.realloc(p, l, 10) };
+                        free(&SMALL, Block(p, Layout::from_size_align(10, 8).unwrap()));
+                    }
+                }
+                // Leak one known block; free the rest on exit.
+                let leak = alloc(&SMALL, 1000 + t);
+                for b in keep {
+                    free(&SMALL, b);
+                }
+                (leak.0 as usize, leak.1)
+            }));
+        }
+        for h in handles {
+            let (p, l) = h.join().unwrap();
+            expected_leak += l.size();
+            leaked.push((p, l));
+        }
+    }
+    drop(tx);
+    for b in rx.lock().try_iter() {
+        free(&SMALL, b);
+    }
+    assert_eq!(counter::live_bytes() - before, expected_leak as isize);
+    for (p, l) in leaked {
+        free(&SMALL, Block(p as *mut u8, l));
+    }
+    assert_eq!(counter::live_bytes(), before);
+    // The slots of exited threads are free again.
+    assert!(
+        counter::threads_with_slots() <= 2,
+        "{}",
+        counter::threads_with_slots()
+    );
+}
+
+#[test]
+fn large_allocation_goes_straight_to_the_folded_total() {
+    let _g = LOCK.lock();
+    let folded = counter::folded_bytes();
+    let b = alloc(&SMALL, 1 << 20);
+    assert_eq!(counter::folded_bytes() - folded, 1 << 20);
+    free(&SMALL, b);
+    assert_eq!(counter::folded_bytes(), folded);
+}
+
+#[test]
+fn null_from_the_inner_allocator_counts_nothing() {
+    struct Refuse;
+    // SAFETY: never hands out memory, so there is nothing to misuse.
+    unsafe impl GlobalAlloc for Refuse {
+        unsafe fn alloc(&self, _: Layout) -> *mut u8 {
+            std::ptr::null_mut()
+        }
+        unsafe fn dealloc(&self, _: *mut u8, _: Layout) {}
+    }
+    let _g = LOCK.lock();
+    let a = MemWatch::new(Refuse).with_slack(0);
+    let before = counter::live_bytes();
+    let layout = Layout::from_size_align(4096, 8).unwrap();
+    // SAFETY: non-zero size; the result is null and never used.
+    unsafe {
+        assert!(a.alloc(layout).is_null());
+        assert!(a.alloc_zeroed(layout).is_null());
+    }
+    assert_eq!(counter::live_bytes(), before);
+}
+
+#[test]
+fn latch_fires_once_and_wakes_the_watchdog_thread() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    let _g = LOCK.lock();
+    static WAKES: AtomicUsize = AtomicUsize::new(0);
+    let fake_watchdog = thread::spawn(|| {
+        while crate::latch::tripped_at().is_none() {
+            thread::park();
+        }
+        WAKES.fetch_add(1, Ordering::SeqCst);
+    });
+    let base = counter::live_bytes();
+    let threshold = base + (8 << 20);
+    crate::latch::arm(threshold, fake_watchdog.thread().clone());
+    assert!(!crate::tripped());
+    // Many threads cross together and stay above.
+    let held: Vec<_> = (0..8)
+        .map(|_| thread::spawn(|| (0..4).map(|_| alloc(&SMALL, 1 << 20)).collect::<Vec<_>>()))
+        .collect::<Vec<_>>()
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
+    fake_watchdog.join().unwrap();
+    let at = crate::latch::tripped_at().expect("tripped");
+    assert!(at > threshold, "tripped at {at}, threshold {threshold}");
+    // More crossings do not move the latch.
+    let more = alloc(&SMALL, 16 << 20);
+    free(&SMALL, more);
+    assert_eq!(crate::latch::tripped_at(), Some(at));
+    assert_eq!(WAKES.load(Ordering::SeqCst), 1);
+    for b in held {
+        free(&SMALL, b);
+    }
+    std::thread::sleep(Duration::from_millis(1));
+    assert!(crate::peak_bytes() as isize >= at);
+}

@@ -1,0 +1,459 @@
+//! The watchdog: a small thread that turns the tripped latch into an orderly
+//! shutdown (the application's hooks, bounded by a grace period) and an exit
+//! with code 2.
+//!
+//! Two threads are spawned at start, none later, so nothing has to be created
+//! while memory is short: `memwatch-watchdog` sleeps until the latch wakes it,
+//! then runs the hooks; `memwatch-grace` sleeps until the hooks start, then
+//! ends the process if they are not done by the deadline.
+
+use std::fmt;
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use log::Level;
+use parking_lot::{Condvar, Mutex};
+
+use crate::config::{self, ConfigError, Problem, DEFAULT_EXIT_CODE, DEFAULT_GRACE};
+use crate::{counter, latch, stats};
+
+/// A shutdown hook: a name for the logs and the work.
+struct Hook {
+    name: String,
+    run: Box<dyn FnOnce() + Send + 'static>,
+}
+
+/// Configures and starts the watchdog.
+///
+/// ```
+/// use std::time::Duration;
+///
+/// let watchdog = memwatch::Watchdog::from_env()
+///     .grace(Duration::from_secs(10))
+///     .on_shutdown("stop intake", || { /* close the listener */ })
+///     .on_shutdown("flush log", || { /* flush and fsync */ })
+///     .start();
+/// // ... serve ...
+/// watchdog.exit_if_tripped();
+/// ```
+#[must_use = "a watchdog does nothing until `start` is called"]
+pub struct Watchdog {
+    threshold: Result<Option<u64>, ConfigError>,
+    grace: Duration,
+    exit_code: i32,
+    hooks: Vec<Hook>,
+}
+
+impl Default for Watchdog {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for Watchdog {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Watchdog")
+            .field("threshold", &self.threshold)
+            .field("grace", &self.grace)
+            .field("exit_code", &self.exit_code)
+            .field(
+                "hooks",
+                &self.hooks.iter().map(|h| &h.name).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+impl Watchdog {
+    /// A watchdog with no threshold (off), the default grace of 30 s, exit
+    /// code 2 and no hooks. Set a threshold in code with
+    /// [`threshold_mb`](Self::threshold_mb) or use [`from_env`](Self::from_env).
+    pub fn new() -> Self {
+        Watchdog {
+            threshold: Ok(None),
+            grace: DEFAULT_GRACE,
+            exit_code: DEFAULT_EXIT_CODE,
+            hooks: Vec::new(),
+        }
+    }
+
+    /// A watchdog configured from `ELASTICKV_MEMORY_SHUTDOWN_THRESHOLD_MB`
+    /// (MiB; unset, empty or `0` is off) and `ELASTICKV_MEMORY_SHUTDOWN_GRACE`
+    /// (default `30s`). A malformed value is reported by [`start`](Self::start)
+    /// as one warning naming the variable and the value, and the watchdog
+    /// stays off.
+    pub fn from_env() -> Self {
+        let mut w = Watchdog::new();
+        match config::from_env() {
+            Ok(c) => {
+                w.threshold = Ok(c.threshold);
+                w.grace = c.grace;
+            }
+            Err(e) => w.threshold = Err(e),
+        }
+        w
+    }
+
+    /// Sets the threshold in MiB (1,048,576 bytes); `0` is off. Overrides
+    /// the environment.
+    pub fn threshold_mb(mut self, mib: u64) -> Self {
+        self.threshold = config::parse_threshold_mb(&mib.to_string());
+        self
+    }
+
+    /// Sets the threshold in bytes; `0` is off. Overrides the environment.
+    pub fn threshold_bytes(mut self, bytes: u64) -> Self {
+        self.threshold = match bytes {
+            0 => Ok(None),
+            b if isize::try_from(b).is_ok() => Ok(Some(b)),
+            _ => Err(ConfigError::in_code(
+                "Watchdog::threshold_bytes",
+                bytes,
+                Problem::TooLarge,
+            )),
+        };
+        self
+    }
+
+    /// Sets how long the hooks may take in all. Past it the process exits
+    /// with the exit code anyway, and the hook still running is logged.
+    pub fn grace(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
+    }
+
+    /// Sets the exit code of a memory-pressure shutdown (default 2). Useful
+    /// where 2 already means something else, such as a CLI usage error.
+    pub fn exit_code(mut self, code: i32) -> Self {
+        self.exit_code = code;
+        self
+    }
+
+    /// Adds a shutdown hook. Hooks run once, in the order added, on the
+    /// watchdog thread; a hook that panics is logged and the next one runs.
+    /// Hooks may allocate freely: the latch never trips twice.
+    pub fn on_shutdown(
+        mut self,
+        name: impl Into<String>,
+        hook: impl FnOnce() + Send + 'static,
+    ) -> Self {
+        self.hooks.push(Hook {
+            name: name.into(),
+            run: Box::new(hook),
+        });
+        self
+    }
+
+    /// Starts the watchdog, if a threshold is set and valid, and returns a
+    /// handle. Logs the effective configuration, or one line saying why the
+    /// watchdog is off. If the heap is already above the threshold, the
+    /// shutdown begins at once.
+    ///
+    /// Only the first call in a process can start a watchdog; later calls
+    /// log a warning and return a handle that is not armed.
+    pub fn start(self) -> WatchdogHandle {
+        let off = WatchdogHandle {
+            armed: false,
+            exit_code: self.exit_code,
+            grace: self.grace,
+        };
+        let threshold = match self.threshold {
+            Err(e) => {
+                emit(Level::Warn, format_args!("{e}; the memory watchdog is off"));
+                return off;
+            }
+            Ok(None) => {
+                emit(
+                    Level::Info,
+                    format_args!(
+                        "memory watchdog off: {} is unset, empty or 0",
+                        config::THRESHOLD_ENV
+                    ),
+                );
+                return off;
+            }
+            Ok(Some(bytes)) => bytes as isize,
+        };
+        if STARTED.swap(true, SeqCst) {
+            emit(
+                Level::Warn,
+                format_args!("memory watchdog already started; this second start does nothing"),
+            );
+            return off;
+        }
+        let plan = Plan {
+            threshold,
+            grace: self.grace,
+            exit_code: self.exit_code,
+        };
+        let names: Vec<String> = self.hooks.iter().map(|h| h.name.clone()).collect();
+        let spawned = thread::Builder::new()
+            .name("memwatch-grace".into())
+            .spawn(move || grace_thread(plan))
+            .and_then(|_| {
+                let hooks = self.hooks;
+                thread::Builder::new()
+                    .name("memwatch-watchdog".into())
+                    .spawn(move || watchdog_thread(plan, hooks))
+            });
+        let watchdog = match spawned {
+            Ok(handle) => handle,
+            Err(e) => {
+                emit(
+                    Level::Error,
+                    format_args!("memory watchdog off: could not spawn its threads: {e}"),
+                );
+                return off;
+            }
+        };
+        latch::arm(threshold, watchdog.thread().clone());
+        emit(
+            Level::Info,
+            format_args!(
+                "memory watchdog on: threshold {} MiB ({} bytes), grace {:?}, exit code {}, \
+                 {} shutdown hook(s) {:?}, live heap now {} bytes",
+                threshold as u64 / config::BYTES_PER_MIB,
+                threshold,
+                plan.grace,
+                plan.exit_code,
+                names.len(),
+                names,
+                stats::live_bytes(),
+            ),
+        );
+        // Folds before `arm` compared against no threshold: look once now.
+        let now = counter::live_bytes();
+        if now > threshold {
+            latch::trip_now(now);
+        }
+        WatchdogHandle { armed: true, ..off }
+    }
+}
+
+impl ConfigError {
+    fn in_code(what: &'static str, value: u64, problem: Problem) -> Self {
+        ConfigError::new(what, &value.to_string(), problem)
+    }
+}
+
+/// What [`Watchdog::start`] returns: whether the watchdog is armed, and the
+/// way for `main` to end with the memory-pressure exit code.
+#[derive(Debug, Clone)]
+pub struct WatchdogHandle {
+    armed: bool,
+    exit_code: i32,
+    grace: Duration,
+}
+
+impl WatchdogHandle {
+    /// Whether a watchdog thread runs with a threshold.
+    pub fn is_armed(&self) -> bool {
+        self.armed
+    }
+
+    /// If the latch has tripped, never returns: waits while the watchdog
+    /// finishes the shutdown sequence, which ends the process with the exit
+    /// code. Call it where `main` is about to return, so that a `main` that
+    /// finished its own shutdown first (even with an error) still exits 2.
+    pub fn exit_if_tripped(&self) {
+        if !stats::tripped() {
+            return;
+        }
+        // The watchdog (or the grace thread) exits within the grace period.
+        // If neither has, something is badly wrong: exit from here.
+        thread::sleep(self.grace + Duration::from_secs(5));
+        exit_once(self.exit_code);
+    }
+}
+
+/// Blocks until the latch trips and the watchdog begins the shutdown.
+/// Returns at once if that has already happened; never returns if no
+/// watchdog is armed and nothing trips the latch.
+pub fn wait_tripped() {
+    let mut seq = SEQUENCE.lock();
+    while seq.phase == Phase::Waiting {
+        SEQUENCE_CHANGED.wait(&mut seq);
+    }
+}
+
+/// Like [`wait_tripped`], with a timeout. Returns whether the latch tripped.
+pub fn wait_tripped_timeout(timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    let mut seq = SEQUENCE.lock();
+    while seq.phase == Phase::Waiting {
+        if SEQUENCE_CHANGED.wait_until(&mut seq, deadline).timed_out() {
+            return seq.phase != Phase::Waiting;
+        }
+    }
+    true
+}
+
+static STARTED: AtomicBool = AtomicBool::new(false);
+static EXITING: AtomicBool = AtomicBool::new(false);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Waiting,
+    Running,
+    Done,
+}
+
+struct Sequence {
+    phase: Phase,
+    deadline: Option<Instant>,
+    current_hook: Option<String>,
+}
+
+static SEQUENCE: Mutex<Sequence> = Mutex::new(Sequence {
+    phase: Phase::Waiting,
+    deadline: None,
+    current_hook: None,
+});
+static SEQUENCE_CHANGED: Condvar = Condvar::new();
+
+#[derive(Clone, Copy)]
+struct Plan {
+    threshold: isize,
+    grace: Duration,
+    exit_code: i32,
+}
+
+fn watchdog_thread(plan: Plan, hooks: Vec<Hook>) {
+    let tripped_at = loop {
+        if let Some(at) = latch::tripped_at() {
+            break at;
+        }
+        // Spurious wake-ups just loop.
+        thread::park();
+    };
+    let started = Instant::now();
+    {
+        let mut seq = SEQUENCE.lock();
+        seq.phase = Phase::Running;
+        seq.deadline = Some(started + plan.grace);
+    }
+    SEQUENCE_CHANGED.notify_all();
+
+    let jemalloc = match stats::jemalloc_stats() {
+        Some(s) => s.to_string(),
+        None => "jemalloc figures unavailable (not the inner allocator)".to_owned(),
+    };
+    emit(
+        Level::Error,
+        format_args!(
+            "memory threshold crossed: live heap {} bytes > threshold {} bytes ({} MiB); \
+             live now {} bytes; {}; running {} shutdown hook(s) within {:?}, then exiting with code {}",
+            tripped_at,
+            plan.threshold,
+            plan.threshold as u64 / config::BYTES_PER_MIB,
+            stats::live_bytes(),
+            jemalloc,
+            hooks.len(),
+            plan.grace,
+            plan.exit_code,
+        ),
+    );
+
+    for hook in hooks {
+        SEQUENCE.lock().current_hook = Some(hook.name.clone());
+        let began = Instant::now();
+        match panic::catch_unwind(AssertUnwindSafe(hook.run)) {
+            Ok(()) => emit(
+                Level::Info,
+                format_args!(
+                    "shutdown hook {:?} done in {:?}",
+                    hook.name,
+                    began.elapsed()
+                ),
+            ),
+            Err(payload) => emit(
+                Level::Error,
+                format_args!(
+                    "shutdown hook {:?} panicked after {:?}: {}; running the next one",
+                    hook.name,
+                    began.elapsed(),
+                    panic_message(&payload)
+                ),
+            ),
+        }
+    }
+    {
+        let mut seq = SEQUENCE.lock();
+        seq.phase = Phase::Done;
+        seq.current_hook = None;
+    }
+    SEQUENCE_CHANGED.notify_all();
+    emit(
+        Level::Info,
+        format_args!(
+            "shutdown hooks finished in {:?}; exiting with code {}",
+            started.elapsed(),
+            plan.exit_code
+        ),
+    );
+    exit_once(plan.exit_code);
+}
+
+fn grace_thread(plan: Plan) {
+    let mut seq = SEQUENCE.lock();
+    let deadline = loop {
+        if let Some(d) = seq.deadline {
+            break d;
+        }
+        SEQUENCE_CHANGED.wait(&mut seq);
+    };
+    while seq.phase != Phase::Done {
+        if SEQUENCE_CHANGED.wait_until(&mut seq, deadline).timed_out() && seq.phase != Phase::Done {
+            let hook = seq
+                .current_hook
+                .clone()
+                .unwrap_or_else(|| "(none)".to_owned());
+            drop(seq);
+            emit(
+                Level::Error,
+                format_args!(
+                    "shutdown hook {:?} still running at the {:?} grace deadline; exiting with code {} anyway",
+                    hook, plan.grace, plan.exit_code
+                ),
+            );
+            exit_once(plan.exit_code);
+        }
+    }
+}
+
+/// Ends the process with `code`, once: of two threads racing here (the
+/// watchdog finishing as the grace deadline passes), one calls `exit` and the
+/// other sleeps until the process is gone.
+fn exit_once(code: i32) -> ! {
+    if EXITING.swap(true, SeqCst) {
+        loop {
+            thread::park();
+        }
+    }
+    std::process::exit(code)
+}
+
+fn panic_message(payload: &Box<dyn std::any::Any + Send>) -> &str {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        s
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s
+    } else {
+        "(non-string panic payload)"
+    }
+}
+
+/// Logs through `log`; when no logger is installed (`log`'s maximum level is
+/// `Off`), warnings and errors go to standard error instead, so that a bad
+/// value or a trip is never silent.
+fn emit(level: Level, args: fmt::Arguments<'_>) {
+    if log::max_level() == log::LevelFilter::Off {
+        if level <= Level::Warn {
+            eprintln!("[memwatch {level}] {args}");
+        }
+    } else {
+        log::log!(target: "memwatch", level, "{args}");
+    }
+}
