@@ -3,6 +3,7 @@
 use std::alloc::{GlobalAlloc, Layout};
 
 use crate::counter::{self, DEFAULT_SLACK};
+use crate::stats;
 
 /// The inner allocator used when none is named: jemalloc with the `jemalloc`
 /// feature (the default), `std::alloc::System` without it.
@@ -69,13 +70,13 @@ impl<A> MemWatch<A> {
 // `GlobalAlloc`'s contract exactly when `A` does. Counting touches only
 // atomics and allocation-free thread-locals (see `counter`), never the memory
 // itself, and never unwinds.
-unsafe impl<A: GlobalAlloc> GlobalAlloc for MemWatch<A> {
+unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for MemWatch<A> {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         // SAFETY: the caller upholds `alloc`'s contract for `layout`.
         let ptr = unsafe { self.inner.alloc(layout) };
         if !ptr.is_null() {
-            counter::record(layout.size() as isize, self.slack);
+            counter::record(layout.size() as isize, self.slack, note_inner::<A>);
         }
         ptr
     }
@@ -85,7 +86,7 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for MemWatch<A> {
         // SAFETY: the caller upholds `alloc_zeroed`'s contract for `layout`.
         let ptr = unsafe { self.inner.alloc_zeroed(layout) };
         if !ptr.is_null() {
-            counter::record(layout.size() as isize, self.slack);
+            counter::record(layout.size() as isize, self.slack, note_inner::<A>);
         }
         ptr
     }
@@ -95,7 +96,7 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for MemWatch<A> {
         // SAFETY: the caller guarantees `ptr` came from this allocator (hence
         // from `inner`, since every method forwards) with `layout`.
         unsafe { self.inner.dealloc(ptr, layout) };
-        counter::record(-(layout.size() as isize), self.slack);
+        counter::record(-(layout.size() as isize), self.slack, note_inner::<A>);
     }
 
     #[inline]
@@ -105,8 +106,24 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for MemWatch<A> {
         let new = unsafe { self.inner.realloc(ptr, layout, new_size) };
         // A null result leaves the old block allocated: nothing changed.
         if !new.is_null() {
-            counter::record(new_size as isize - layout.size() as isize, self.slack);
+            counter::record(
+                new_size as isize - layout.size() as isize,
+                self.slack,
+                note_inner::<A>,
+            );
         }
         new
+    }
+}
+
+/// Runs once per thread, off the fast path: notes whether the allocator in
+/// use wraps jemalloc, so that the trip report shows jemalloc's figures only
+/// when they describe this heap. `TypeId` comparison neither allocates nor
+/// locks.
+#[cold]
+fn note_inner<A: 'static>() {
+    #[cfg(feature = "jemalloc")]
+    if std::any::TypeId::of::<A>() == std::any::TypeId::of::<tikv_jemallocator::Jemalloc>() {
+        stats::note_jemalloc_inner();
     }
 }

@@ -90,12 +90,13 @@ thread_local! {
 }
 
 /// Records `delta` bytes for the calling thread. `slack` is the batching
-/// bound: pending deltas whose magnitude reaches it are folded.
+/// bound: pending deltas whose magnitude reaches it are folded. `on_register`
+/// runs once per thread, when the thread first claims a slot.
 #[inline(always)]
-pub(crate) fn record(delta: isize, slack: usize) {
+pub(crate) fn record(delta: isize, slack: usize, on_register: fn()) {
     let mine = MINE.with(Cell::get);
     if mine.is_null() {
-        return record_slow(delta, slack);
+        return record_slow(delta, slack, on_register);
     }
     // SAFETY: `MINE` only ever holds null or the address of an element of
     // the static `TABLE`, which lives for the whole program.
@@ -117,11 +118,12 @@ pub(crate) fn record(delta: isize, slack: usize) {
 
 #[cold]
 #[inline(never)]
-fn record_slow(delta: isize, slack: usize) {
+fn record_slow(delta: isize, slack: usize, on_register: fn()) {
     if STATE.with(Cell::get) == UNREGISTERED {
+        on_register();
         register();
         if !MINE.with(Cell::get).is_null() {
-            return record(delta, slack);
+            return record(delta, slack, on_register);
         }
     }
     fold(delta);

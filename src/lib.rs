@@ -93,8 +93,8 @@ pub use crate::config::{
 };
 pub use crate::counter::{DEFAULT_SLACK, SLOTS};
 pub use crate::stats::{
-    jemalloc_stats, live_bytes, peak_bytes, snapshot, threshold_bytes, tripped, JemallocStats,
-    Snapshot,
+    jemalloc_stats, live_bytes, peak_bytes, snapshot, threshold_bytes, tripped, wraps_jemalloc,
+    JemallocStats, Snapshot,
 };
 pub use crate::watchdog::{wait_tripped, wait_tripped_timeout, Watchdog, WatchdogHandle};
 

@@ -1,6 +1,7 @@
 //! Readings: memwatch's own count and, where jemalloc is in use, jemalloc's.
 
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
 use crate::{counter, latch};
 
@@ -82,9 +83,28 @@ impl fmt::Display for JemallocStats {
     }
 }
 
+/// Set once a thread has allocated through a `MemWatch<Jemalloc>`.
+static JEMALLOC_INNER: AtomicBool = AtomicBool::new(false);
+
+/// Called from the allocator's once-per-thread slow path.
+#[cfg_attr(not(feature = "jemalloc"), allow(dead_code))]
+pub(crate) fn note_jemalloc_inner() {
+    // Relaxed is enough: a flag read only for reporting. The load first
+    // keeps threads from writing a shared line that is already set.
+    if !JEMALLOC_INNER.load(Relaxed) {
+        JEMALLOC_INNER.store(true, Relaxed);
+    }
+}
+
+/// Whether memwatch wraps jemalloc in this process (some thread has
+/// allocated through a `MemWatch<Jemalloc>`).
+pub fn wraps_jemalloc() -> bool {
+    JEMALLOC_INNER.load(Relaxed)
+}
+
 /// Reads jemalloc's statistics after advancing its epoch, or `None` when the
-/// `jemalloc` feature is off, a read fails, or jemalloc has handed out no
-/// memory in this process (it is not the inner allocator).
+/// `jemalloc` feature is off or a read fails. They describe this process's
+/// heap only where jemalloc is the inner allocator ([`wraps_jemalloc`]).
 ///
 /// Call it off the allocator path: it goes through jemalloc's `mallctl`.
 pub fn jemalloc_stats() -> Option<JemallocStats> {
@@ -92,14 +112,13 @@ pub fn jemalloc_stats() -> Option<JemallocStats> {
     {
         use tikv_jemalloc_ctl::{epoch, stats};
         epoch::advance().ok()?;
-        let s = JemallocStats {
+        Some(JemallocStats {
             allocated: stats::allocated::read().ok()?,
             active: stats::active::read().ok()?,
             resident: stats::resident::read().ok()?,
             mapped: stats::mapped::read().ok()?,
             retained: stats::retained::read().ok()?,
-        };
-        (s.allocated > 0).then_some(s)
+        })
     }
     #[cfg(not(feature = "jemalloc"))]
     {

@@ -336,9 +336,9 @@ fn watchdog_thread(plan: Plan, hooks: Vec<Hook>) {
     }
     SEQUENCE_CHANGED.notify_all();
 
-    let jemalloc = match stats::jemalloc_stats() {
+    let jemalloc = match stats::jemalloc_stats().filter(|_| stats::wraps_jemalloc()) {
         Some(s) => s.to_string(),
-        None => "jemalloc figures unavailable (not the inner allocator)".to_owned(),
+        None => "no jemalloc figures (jemalloc is not the inner allocator)".to_owned(),
     };
     emit(
         Level::Error,

@@ -1,0 +1,8 @@
+//! A thousand short-lived threads: the reading afterwards has zero drift (over System).
+
+#[global_allocator]
+static GLOBAL: memwatch::MemWatch<std::alloc::System> = memwatch::MemWatch::new(std::alloc::System);
+
+fn main() {
+    allocator_tests::scenarios::thread_churn();
+}

@@ -1,0 +1,286 @@
+//! One function per scenario; see the binaries of the same names.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Barrier, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use crate::{grow_until_tripped, init_logging, memwatch_threads, touched, trace, wait_for_exit};
+
+/// Grows the heap past the threshold from the environment; two hooks leave a
+/// trace in order. Exits 2 through the watchdog; exit 0 means it never fired.
+pub fn crosses_threshold() {
+    init_logging();
+    let watchdog = memwatch::Watchdog::from_env()
+        .on_shutdown("first", || trace("first"))
+        .on_shutdown("second", || trace("second"))
+        .start();
+    println!("armed: {}", watchdog.is_armed());
+    let held = grow_until_tripped(1024, Duration::from_millis(1));
+    watchdog.exit_if_tripped();
+    println!("finished holding {} MiB", held.len());
+}
+
+/// Starts the watchdog from the environment, allocates far beyond any
+/// threshold used in the tests (holding 512 MiB at the peak), reports the
+/// memwatch threads it has, and ends normally.
+pub fn runs_to_end() {
+    init_logging();
+    let watchdog = memwatch::Watchdog::from_env()
+        .on_shutdown("never", || trace("hook ran"))
+        .start();
+    println!("armed: {}", watchdog.is_armed());
+    let held: Vec<Vec<u8>> = (0..512).map(|_| touched(1)).collect();
+    println!("held MiB: {}", held.len());
+    println!("memwatch threads: {:?}", memwatch_threads());
+    drop(held);
+    watchdog.exit_if_tripped();
+    println!("finished");
+}
+
+/// Eight threads cross the threshold together and keep allocating after it;
+/// the one hook counts its runs in the trace.
+pub fn many_threads_cross() {
+    init_logging();
+    static RUNS: AtomicUsize = AtomicUsize::new(0);
+    let watchdog = memwatch::Watchdog::from_env()
+        .on_shutdown("count", || {
+            let n = RUNS.fetch_add(1, Ordering::SeqCst) + 1;
+            trace(&format!("hook run {n}"));
+            // Stay in the hook a while so that usage stays high meanwhile.
+            thread::sleep(Duration::from_millis(300));
+        })
+        .start();
+    let barrier = Arc::new(Barrier::new(8));
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let barrier = barrier.clone();
+            thread::spawn(move || {
+                barrier.wait();
+                let mut held = Vec::new();
+                for _ in 0..48 {
+                    held.push(touched(1));
+                }
+                // Keep churning above the threshold.
+                for _ in 0..2000 {
+                    held.push(touched(1));
+                    held.remove(0);
+                }
+                held.len()
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    watchdog.exit_if_tripped();
+    println!("finished without a trip");
+}
+
+/// Holds more than the threshold before the watchdog starts.
+pub fn above_at_start() {
+    init_logging();
+    let held: Vec<Vec<u8>> = (0..100).map(|_| touched(1)).collect();
+    let watchdog = memwatch::Watchdog::from_env()
+        .on_shutdown("mark", || trace("hook ran"))
+        .start();
+    println!("armed: {}, holding {} MiB", watchdog.is_armed(), held.len());
+    thread::sleep(Duration::from_secs(10));
+    watchdog.exit_if_tripped();
+    println!("finished without a trip");
+}
+
+/// The hook allocates 1 GiB in 4 KiB pieces (holding up to 256 MiB) after the
+/// trip: no second trip, no deadlock.
+pub fn hooks_allocate() {
+    init_logging();
+    let watchdog = memwatch::Watchdog::from_env()
+        .on_shutdown("allocates", || {
+            let mut total = 0usize;
+            for _ in 0..4 {
+                let mut pieces: Vec<Vec<u8>> = Vec::with_capacity(65536);
+                for _ in 0..65536 {
+                    pieces.push(vec![1u8; 4096]);
+                    total += 4096;
+                }
+                let mut map = HashMap::new();
+                for (i, p) in pieces.into_iter().enumerate().take(1000) {
+                    map.insert(i.to_string(), p);
+                }
+                drop(map);
+            }
+            trace(&format!("hook allocated {total} bytes"));
+        })
+        .on_shutdown("after", || trace("after"))
+        .start();
+    let _held = grow_until_tripped(1024, Duration::from_millis(1));
+    watchdog.exit_if_tripped();
+    println!("finished without a trip");
+}
+
+/// The first hook never returns; the grace deadline ends the process.
+pub fn hook_hangs() {
+    init_logging();
+    let watchdog = memwatch::Watchdog::from_env()
+        .on_shutdown("quick", || trace("quick"))
+        .on_shutdown("hangs forever", || {
+            trace("hanging");
+            wait_for_exit();
+        })
+        .on_shutdown("never reached", || trace("never reached"))
+        .start();
+    let _held = grow_until_tripped(1024, Duration::from_millis(1));
+    watchdog.exit_if_tripped();
+    println!("finished without a trip");
+}
+
+/// The first hook panics; the second still runs.
+pub fn hook_panics() {
+    init_logging();
+    let watchdog = memwatch::Watchdog::from_env()
+        .on_shutdown("boom", || panic!("hook failure for the test"))
+        .on_shutdown("after the panic", || trace("after the panic"))
+        .start();
+    let _held = grow_until_tripped(1024, Duration::from_millis(1));
+    watchdog.exit_if_tripped();
+    println!("finished without a trip");
+}
+
+/// The hook asks `main` to stop and waits for it; `main` flushes, and returns
+/// an error. The process still exits 2.
+pub fn main_returns_error() -> Result<(), String> {
+    init_logging();
+    let (stop_tx, stop_rx) = mpsc::channel::<()>();
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    let stop_tx = Mutex::new(stop_tx);
+    let watchdog = memwatch::Watchdog::from_env()
+        .on_shutdown("ask main to stop", move || {
+            let _ = stop_tx.lock().unwrap().send(());
+            let _ = done_rx.recv_timeout(Duration::from_secs(5));
+            // Give main time to reach its return before this hook ends.
+            thread::sleep(Duration::from_millis(300));
+            trace("hook saw main finish");
+        })
+        .start();
+    let mut held = Vec::new();
+    loop {
+        if stop_rx.try_recv().is_ok() {
+            break;
+        }
+        if held.len() < 1024 {
+            held.push(touched(1));
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
+    drop(held);
+    trace("main flushed");
+    done_tx.send(()).unwrap();
+    let result = Err("listener closed during shutdown".to_owned());
+    trace("main returning an error");
+    watchdog.exit_if_tripped();
+    result
+}
+
+/// A thousand short-lived threads, in waves of 50: each allocates, frees
+/// blocks other threads allocated, reallocates, and leaks a known amount.
+/// Afterwards the reading must equal the baseline plus the leaks exactly.
+/// Prints `drift: N` and exits 0 only if N is 0.
+pub fn thread_churn() {
+    // Warm up what the first spawn and the first print set up for good.
+    thread::spawn(|| vec![0u8; 10]).join().unwrap();
+    println!("warm");
+    let baseline = memwatch::live_bytes() as isize;
+    let pool: Arc<Mutex<Vec<Vec<u8>>>> = Arc::new(Mutex::new(Vec::with_capacity(100_000)));
+    let mut leaked = 0isize;
+    for wave in 0..20 {
+        let handles: Vec<_> = (0..50)
+            .map(|t| {
+                let pool = pool.clone();
+                thread::spawn(move || {
+                    let mut mine = Vec::new();
+                    for i in 0..200 {
+                        let size = 1 + (wave * 7919 + t * 104_729 + i * 31) % 20_000;
+                        let mut v = vec![i as u8; size];
+                        if i % 10 == 0 {
+                            v.resize(size * 3, 0);
+                        }
+                        if i % 2 == 0 {
+                            pool.lock().unwrap().push(v);
+                        } else {
+                            mine.push(v);
+                        }
+                        if i % 3 == 0 {
+                            // Free a block some other thread allocated.
+                            drop(pool.lock().unwrap().pop());
+                        }
+                    }
+                    let leak_size = 100 + t + wave;
+                    // black_box: an allocation nothing reads may be elided.
+                    let leak = std::hint::black_box(Vec::<u8>::with_capacity(leak_size));
+                    std::mem::forget(leak);
+                    drop(mine);
+                    leak_size as isize
+                })
+            })
+            .collect();
+        for h in handles {
+            leaked += h.join().unwrap();
+        }
+    }
+    let pool = Arc::try_unwrap(pool).expect("all threads joined");
+    drop(pool);
+    let after = memwatch::live_bytes() as isize;
+    let drift = after - baseline - leaked;
+    println!("threads: 1000");
+    println!("leaked: {leaked}");
+    println!("baseline: {baseline}");
+    println!("after: {after}");
+    println!("drift: {drift}");
+    std::process::exit(if drift == 0 { 0 } else { 1 });
+}
+
+/// The cgroup workload: appends checksummed, fsynced records to the log file
+/// named by the first argument while its heap grows by 1 MiB per record.
+/// Prints `ack N` after record N is durable. The hook stops the writer,
+/// fsyncs and closes the log. Without a threshold, it grows until killed.
+pub fn wal_writer() {
+    use crate::wal;
+    use std::io::Write as _;
+
+    init_logging();
+    let path = std::env::args().nth(1).expect("usage: wal_writer LOG_PATH");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .expect("open log");
+    let log: Arc<Mutex<Option<std::fs::File>>> = Arc::new(Mutex::new(Some(file)));
+    let hook_log = log.clone();
+    let watchdog = memwatch::Watchdog::from_env()
+        .on_shutdown("close the log", move || {
+            // Taking the lock waits for an append in flight to finish.
+            let mut guard = hook_log.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(file) = guard.take() {
+                file.sync_all().expect("fsync log");
+                trace("log closed");
+            }
+        })
+        .start();
+    let mut held = Vec::new();
+    let mut out = std::io::stdout().lock();
+    for seq in 0u64.. {
+        held.push(touched(1));
+        let mut guard = log.lock().unwrap();
+        let Some(file) = guard.as_mut() else {
+            break;
+        };
+        wal::append(file, &wal::payload(seq, 4096)).expect("append");
+        drop(guard);
+        writeln!(out, "ack {seq}").unwrap();
+        out.flush().unwrap();
+    }
+    drop(out);
+    watchdog.exit_if_tripped();
+}

@@ -1,0 +1,111 @@
+//! Running a scenario binary as a child process.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+pub const THRESHOLD: &str = "ELASTICKV_MEMORY_SHUTDOWN_THRESHOLD_MB";
+pub const GRACE: &str = "ELASTICKV_MEMORY_SHUTDOWN_GRACE";
+
+/// What a finished scenario left behind.
+#[derive(Debug)]
+pub struct Run {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+    /// Lines the hooks appended to the trace file.
+    pub trace: Vec<String>,
+    pub elapsed: Duration,
+}
+
+impl Run {
+    pub fn code(&self) -> Option<i32> {
+        self.status.code()
+    }
+
+    /// Lines of stderr that contain `needle`.
+    pub fn stderr_lines(&self, needle: &str) -> Vec<&str> {
+        self.stderr.lines().filter(|l| l.contains(needle)).collect()
+    }
+
+    /// The value of the first `key: value` line on stdout.
+    pub fn fact(&self, key: &str) -> Option<&str> {
+        let prefix = format!("{key}: ");
+        self.stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+    }
+}
+
+/// A fresh scratch directory for one test.
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("memwatch-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Runs `bin` with only the given memwatch variables set (any inherited ones
+/// are removed), a trace file, and a time limit after which it is killed.
+pub fn run(bin: &str, env: &[(&str, &str)], limit: Duration) -> Run {
+    let dir = scratch(bin);
+    let trace = dir.join("trace");
+    let mut cmd = Command::new(bin_path(bin));
+    cmd.env_remove(THRESHOLD)
+        .env_remove(GRACE)
+        .env_remove("RUST_LOG")
+        .env("SCENARIO_TRACE", &trace)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let started = Instant::now();
+    let child = cmd.spawn().expect("spawn scenario");
+    let pid = child.id();
+    // A watchdog for the test itself: kill a scenario that overstays.
+    let killer = std::thread::spawn(move || {
+        let deadline = started + limit;
+        while Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                return;
+            }
+        }
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    });
+    let out = child.wait_with_output().expect("wait scenario");
+    let elapsed = started.elapsed();
+    drop(killer);
+    let trace = std::fs::read_to_string(&trace)
+        .map(|t| t.lines().map(str::to_owned).collect())
+        .unwrap_or_default();
+    let _ = std::fs::remove_dir_all(&dir);
+    let run = Run {
+        status: out.status,
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        trace,
+        elapsed,
+    };
+    assert!(
+        elapsed < limit,
+        "{bin} ran past its {limit:?} limit and was killed: {run:#?}"
+    );
+    run
+}
+
+pub fn bin_path(bin: &str) -> PathBuf {
+    // Cargo builds every binary of this package before its integration
+    // tests and tells us where: CARGO_BIN_EXE_<name> at compile time. The
+    // binaries sit beside the test's own deps directory's parent.
+    let mut p = std::env::current_exe().unwrap();
+    p.pop();
+    if p.ends_with("deps") {
+        p.pop();
+    }
+    p.join(bin)
+}

@@ -1,0 +1,253 @@
+//! Whole-process scenarios: each test runs a binary from `src/bin/` that has
+//! memwatch as its global allocator, and checks what a user relies on.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{run, GRACE, THRESHOLD};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn assert_crossing(bin: &str, jemalloc: bool) {
+    let r = run(bin, &[(THRESHOLD, "64")], LIMIT);
+    assert_eq!(r.code(), Some(2), "{r:#?}");
+    let errors = r.stderr_lines("memory threshold crossed");
+    assert_eq!(errors.len(), 1, "one error line: {r:#?}");
+    let line = errors[0];
+    assert!(line.contains("ERROR"), "{line}");
+    assert!(line.contains("threshold 67108864 bytes (64 MiB)"), "{line}");
+    assert!(line.contains("live heap "), "{line}");
+    assert_eq!(
+        line.contains("resident="),
+        jemalloc,
+        "jemalloc figures present iff jemalloc is the inner allocator: {line}"
+    );
+    assert_eq!(r.trace, ["first", "second"], "hooks ran in order: {r:#?}");
+    assert!(!r.stdout.contains("finished"), "{r:#?}");
+    let effective = r.stderr_lines("memory watchdog on");
+    assert_eq!(effective.len(), 1, "{r:#?}");
+    assert!(effective[0].contains("grace 30s") && effective[0].contains("exit code 2"));
+}
+
+#[test]
+fn crossing_the_threshold_exits_2_after_the_hooks_in_order() {
+    assert_crossing("crosses_threshold", true);
+}
+
+#[test]
+fn crossing_the_threshold_over_system() {
+    assert_crossing("system_crosses_threshold", false);
+}
+
+fn assert_runs_to_end(bin: &str, value: Option<&str>) -> common::Run {
+    let env: Vec<(&str, &str)> = value.map(|v| vec![(THRESHOLD, v)]).unwrap_or_default();
+    let r = run(bin, &env, LIMIT);
+    assert_eq!(r.code(), Some(0), "value {value:?}: {r:#?}");
+    assert_eq!(r.fact("armed"), Some("false"), "{r:#?}");
+    assert_eq!(r.fact("held MiB"), Some("512"), "{r:#?}");
+    assert_eq!(
+        r.fact("memwatch threads"),
+        Some("[]"),
+        "no watchdog thread: {r:#?}"
+    );
+    assert!(r.trace.is_empty(), "{r:#?}");
+    assert!(r.stdout.contains("finished"), "{r:#?}");
+    r
+}
+
+#[test]
+fn off_when_unset_empty_or_zero() {
+    for bin in ["runs_to_end", "system_runs_to_end"] {
+        for value in [None, Some(""), Some("0"), Some("  0 ")] {
+            let r = assert_runs_to_end(bin, value);
+            assert_eq!(r.stderr_lines("memory watchdog off").len(), 1, "{r:#?}");
+            assert!(r.stderr_lines("WARN").is_empty(), "{r:#?}");
+        }
+    }
+}
+
+#[test]
+fn bad_threshold_values_warn_once_and_stay_off() {
+    let past_u64 = "18446744073709551616"; // 2^64: not even a u64
+    let bytes_overflow = (u64::MAX / (1 << 20) + 1).to_string(); // MiB × 2^20 > u64
+    let past_isize = (isize::MAX as u64 / (1 << 20) + 1).to_string(); // > isize::MAX bytes
+    for value in [
+        "abc",
+        "-5",
+        "1.5",
+        "0x40",
+        past_u64,
+        &bytes_overflow,
+        &past_isize,
+    ] {
+        let r = assert_runs_to_end("runs_to_end", Some(value));
+        let warnings = r.stderr_lines("WARN");
+        assert_eq!(
+            warnings.len(),
+            1,
+            "exactly one warning for {value:?}: {r:#?}"
+        );
+        assert!(warnings[0].contains(THRESHOLD), "{}", warnings[0]);
+        assert!(
+            warnings[0].contains(&format!("{value:?}")),
+            "{}",
+            warnings[0]
+        );
+        assert!(warnings[0].contains("off"), "{}", warnings[0]);
+    }
+}
+
+#[test]
+fn bad_grace_values_warn_once_and_stay_off() {
+    for value in ["10", "abc", "1.5s", "-1s", "5h"] {
+        let env = [(THRESHOLD, "64"), (GRACE, value)];
+        let r = run("runs_to_end", &env, LIMIT);
+        assert_eq!(r.code(), Some(0), "{r:#?}");
+        assert_eq!(r.fact("memwatch threads"), Some("[]"), "{r:#?}");
+        let warnings = r.stderr_lines("WARN");
+        assert_eq!(
+            warnings.len(),
+            1,
+            "exactly one warning for {value:?}: {r:#?}"
+        );
+        assert!(warnings[0].contains(GRACE), "{}", warnings[0]);
+        assert!(
+            warnings[0].contains(&format!("{value:?}")),
+            "{}",
+            warnings[0]
+        );
+    }
+}
+
+#[test]
+fn warnings_reach_stderr_without_a_logger() {
+    // `RUST_LOG=off` makes env_logger's maximum level Off, as if no logger
+    // were installed: the warning must still be printed.
+    let r = run(
+        "runs_to_end",
+        &[(THRESHOLD, "abc"), ("RUST_LOG", "off")],
+        LIMIT,
+    );
+    assert_eq!(r.code(), Some(0), "{r:#?}");
+    let lines = r.stderr_lines(THRESHOLD);
+    assert_eq!(lines.len(), 1, "{r:#?}");
+    assert!(lines[0].starts_with("[memwatch WARN]"), "{}", lines[0]);
+}
+
+fn assert_fires_once(bin: &str) {
+    let r = run(bin, &[(THRESHOLD, "128")], LIMIT);
+    assert_eq!(r.code(), Some(2), "{r:#?}");
+    assert_eq!(r.trace, ["hook run 1"], "the hook ran exactly once: {r:#?}");
+    assert_eq!(
+        r.stderr_lines("memory threshold crossed").len(),
+        1,
+        "{r:#?}"
+    );
+}
+
+#[test]
+fn many_threads_crossing_together_fire_once() {
+    assert_fires_once("many_threads_cross");
+}
+
+#[test]
+fn many_threads_crossing_together_fire_once_over_system() {
+    assert_fires_once("system_many_threads_cross");
+}
+
+#[test]
+fn already_above_at_start_fires_at_once() {
+    let r = run("above_at_start", &[(THRESHOLD, "64")], LIMIT);
+    assert_eq!(r.code(), Some(2), "{r:#?}");
+    assert_eq!(r.trace, ["hook ran"], "{r:#?}");
+    // The scenario would sleep 10 s before ending on its own.
+    assert!(r.elapsed < Duration::from_secs(5), "took {:?}", r.elapsed);
+}
+
+#[test]
+fn hooks_that_allocate_heavily_do_not_deadlock() {
+    let r = run("hooks_allocate", &[(THRESHOLD, "64")], LIMIT);
+    assert_eq!(r.code(), Some(2), "{r:#?}");
+    assert_eq!(
+        r.trace,
+        ["hook allocated 1073741824 bytes", "after"],
+        "{r:#?}"
+    );
+    assert_eq!(
+        r.stderr_lines("memory threshold crossed").len(),
+        1,
+        "{r:#?}"
+    );
+}
+
+#[test]
+fn a_hanging_hook_ends_at_the_grace_deadline() {
+    let r = run("hook_hangs", &[(THRESHOLD, "64"), (GRACE, "500ms")], LIMIT);
+    assert_eq!(r.code(), Some(2), "{r:#?}");
+    assert_eq!(r.trace, ["quick", "hanging"], "{r:#?}");
+    let lines = r.stderr_lines("grace deadline");
+    assert_eq!(lines.len(), 1, "{r:#?}");
+    assert!(
+        lines[0].contains("\"hangs forever\""),
+        "names the hook: {}",
+        lines[0]
+    );
+    // Growing to 64 MiB takes well under a second; the deadline is 500 ms.
+    assert!(r.elapsed < Duration::from_secs(4), "took {:?}", r.elapsed);
+}
+
+fn assert_panicking_hook(bin: &str) {
+    let r = run(bin, &[(THRESHOLD, "64")], LIMIT);
+    assert_eq!(r.code(), Some(2), "{r:#?}");
+    assert_eq!(r.trace, ["after the panic"], "{r:#?}");
+    let lines = r.stderr_lines("panicked");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("\"boom\"") && l.contains("hook failure for the test")),
+        "{r:#?}"
+    );
+}
+
+#[test]
+fn a_panicking_hook_is_logged_and_the_next_runs() {
+    assert_panicking_hook("hook_panics");
+}
+
+#[test]
+fn a_panicking_hook_over_system() {
+    assert_panicking_hook("system_hook_panics");
+}
+
+#[test]
+fn main_returning_an_error_after_its_own_shutdown_still_exits_2() {
+    let r = run("main_returns_error", &[(THRESHOLD, "64")], LIMIT);
+    assert_eq!(r.code(), Some(2), "{r:#?}");
+    assert_eq!(
+        r.trace,
+        [
+            "main flushed",
+            "main returning an error",
+            "hook saw main finish"
+        ],
+        "{r:#?}"
+    );
+}
+
+fn assert_no_drift(bin: &str) {
+    let r = run(bin, &[], LIMIT);
+    assert_eq!(r.fact("threads"), Some("1000"), "{r:#?}");
+    assert_eq!(r.fact("drift"), Some("0"), "{r:#?}");
+    assert_eq!(r.code(), Some(0), "{r:#?}");
+}
+
+#[test]
+fn thread_churn_leaves_zero_drift() {
+    assert_no_drift("thread_churn");
+}
+
+#[test]
+fn thread_churn_leaves_zero_drift_over_system() {
+    assert_no_drift("system_thread_churn");
+}
