@@ -1,0 +1,236 @@
+//! The real kernel as the baseline: in a memory cgroup with a hard limit, a
+//! workload that appends fsynced, checksummed records while its heap grows is
+//! SIGKILLed by the OOM-killer without memwatch, and with memwatch at 70% of
+//! the limit exits 2 with every acknowledged record intact and no torn tail.
+//!
+//! Needs root and a writable cgroup v1 memory controller or cgroup v2. Where
+//! that is missing the test prints why and passes, unless
+//! `MEMWATCH_REQUIRE_CGROUP=1` (set by `.ci/run`) makes it fail instead.
+
+mod common;
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use allocator_tests::wal;
+use common::{bin_path, scratch, THRESHOLD};
+
+const LIMIT_MIB: u64 = 256;
+
+/// A memory cgroup created for the test and removed when dropped.
+struct Cgroup {
+    dir: PathBuf,
+    version: u8,
+}
+
+impl Cgroup {
+    fn create(name: &str, limit_bytes: u64) -> Result<Cgroup, String> {
+        let v1 = Path::new("/sys/fs/cgroup/memory");
+        let v2 = Path::new("/sys/fs/cgroup/cgroup.controllers");
+        if v1.join("memory.limit_in_bytes").exists() {
+            let dir = v1.join(name);
+            std::fs::create_dir(&dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
+            let cg = Cgroup { dir, version: 1 };
+            cg.write("memory.limit_in_bytes", &limit_bytes.to_string())?;
+            // No swap on top of the limit, where swap accounting exists.
+            let _ = cg.write("memory.memsw.limit_in_bytes", &limit_bytes.to_string());
+            let _ = cg.write("memory.swappiness", "0");
+            Ok(cg)
+        } else if v2.exists() {
+            let root = Path::new("/sys/fs/cgroup");
+            let controllers = std::fs::read_to_string(v2).unwrap_or_default();
+            if !controllers.split_whitespace().any(|c| c == "memory") {
+                return Err("cgroup v2 without the memory controller".into());
+            }
+            let _ = std::fs::write(root.join("cgroup.subtree_control"), "+memory");
+            let dir = root.join(name);
+            std::fs::create_dir(&dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
+            let cg = Cgroup { dir, version: 2 };
+            cg.write("memory.max", &limit_bytes.to_string())?;
+            let _ = cg.write("memory.swap.max", "0");
+            Ok(cg)
+        } else {
+            Err("no cgroup v1 memory controller and no cgroup v2 at /sys/fs/cgroup".into())
+        }
+    }
+
+    fn write(&self, file: &str, value: &str) -> Result<(), String> {
+        std::fs::write(self.dir.join(file), value)
+            .map_err(|e| format!("write {value} to {}: {e}", self.dir.join(file).display()))
+    }
+
+    /// A command that enters this cgroup before it execs `bin`.
+    fn command(&self, bin: &Path, args: &[&str]) -> Command {
+        let procs = self.dir.join("cgroup.procs");
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(format!(
+                "echo $$ > '{}' && exec \"$0\" \"$@\"",
+                procs.display()
+            ))
+            .arg(bin)
+            .args(args);
+        cmd
+    }
+
+    fn oom_kills(&self) -> Option<u64> {
+        let (file, key) = match self.version {
+            1 => ("memory.oom_control", "oom_kill"),
+            _ => ("memory.events", "oom_kill"),
+        };
+        let text = std::fs::read_to_string(self.dir.join(file)).ok()?;
+        text.lines().find_map(|l| {
+            let (k, v) = l.split_once(' ')?;
+            (k == key).then(|| v.trim().parse().ok())?
+        })
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.dir).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        eprintln!("could not remove {}", self.dir.display());
+    }
+}
+
+/// One run of the workload and what it left.
+struct Outcome {
+    status: std::process::ExitStatus,
+    acked: Vec<u64>,
+    replay: wal::Replay,
+    trace: Vec<String>,
+    oom_kills: Option<u64>,
+    elapsed: Duration,
+    stderr: String,
+}
+
+fn run_workload(name: &str, threshold_mib: Option<u64>) -> Result<Outcome, String> {
+    let cg = Cgroup::create(
+        &format!("memwatch-test-{name}-{}", std::process::id()),
+        LIMIT_MIB << 20,
+    )?;
+    let dir = scratch(&format!("kernel-{name}"));
+    let log = dir.join("wal");
+    let trace = dir.join("trace");
+    let mut cmd = cg.command(&bin_path("wal_writer"), &[log.to_str().unwrap()]);
+    cmd.env_remove(THRESHOLD)
+        .env_remove("ELASTICKV_MEMORY_SHUTDOWN_GRACE")
+        .env("SCENARIO_TRACE", &trace)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(t) = threshold_mib {
+        cmd.env(THRESHOLD, t.to_string());
+    }
+    let started = Instant::now();
+    let out = cmd.output().map_err(|e| format!("spawn wal_writer: {e}"))?;
+    let elapsed = started.elapsed();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let acked = stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("ack ")?.parse().ok())
+        .collect();
+    let data = std::fs::read(&log).unwrap_or_default();
+    let trace = std::fs::read_to_string(&trace)
+        .map(|t| t.lines().map(str::to_owned).collect())
+        .unwrap_or_default();
+    let outcome = Outcome {
+        status: out.status,
+        acked,
+        replay: wal::replay(&data),
+        trace,
+        oom_kills: cg.oom_kills(),
+        elapsed,
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(outcome)
+}
+
+fn skip_or_fail(why: &str) {
+    if std::env::var("MEMWATCH_REQUIRE_CGROUP").as_deref() == Ok("1") {
+        panic!("a memory cgroup is required here (MEMWATCH_REQUIRE_CGROUP=1): {why}");
+    }
+    eprintln!("SKIPPED: cannot create a memory cgroup: {why}");
+}
+
+fn assert_every_ack_recovered(o: &Outcome) {
+    let n = o.replay.records.len() as u64;
+    assert_eq!(
+        o.replay.records,
+        (0..n).collect::<Vec<_>>(),
+        "records in order"
+    );
+    assert!(
+        o.acked.iter().all(|&seq| seq < n),
+        "acknowledged {} records, recovered {n}",
+        o.acked.len()
+    );
+}
+
+#[test]
+fn memwatch_exits_2_where_the_kernel_oom_kills() {
+    // Baseline: no threshold. The kernel's OOM-killer ends it with SIGKILL.
+    let baseline = match run_workload("baseline", None) {
+        Ok(o) => o,
+        Err(why) => return skip_or_fail(&why),
+    };
+    eprintln!(
+        "kernel baseline: status {:?} (signal {:?}), {} acknowledged, {} recovered, \
+         torn tail {} bytes, oom_kill {:?}, {:?}",
+        baseline.status,
+        baseline.status.signal(),
+        baseline.acked.len(),
+        baseline.replay.records.len(),
+        baseline.replay.torn_bytes,
+        baseline.oom_kills,
+        baseline.elapsed
+    );
+    assert_eq!(
+        baseline.status.signal(),
+        Some(9),
+        "the kernel SIGKILLs the workload without memwatch: {}",
+        baseline.stderr
+    );
+    assert!(
+        baseline.oom_kills.unwrap_or(1) >= 1,
+        "the cgroup saw an OOM kill"
+    );
+    assert!(baseline.acked.len() > 100, "it ran a while before the kill");
+    assert_every_ack_recovered(&baseline);
+
+    // memwatch at 70% of the limit: an orderly exit 2 before the kernel acts.
+    let threshold = LIMIT_MIB * 7 / 10;
+    let ours = run_workload("memwatch", Some(threshold)).expect("second cgroup");
+    eprintln!(
+        "memwatch at {threshold} MiB: status {:?}, {} acknowledged, {} recovered, \
+         torn tail {} bytes, oom_kill {:?}, {:?}",
+        ours.status,
+        ours.acked.len(),
+        ours.replay.records.len(),
+        ours.replay.torn_bytes,
+        ours.oom_kills,
+        ours.elapsed
+    );
+    assert_eq!(ours.status.code(), Some(2), "{}", ours.stderr);
+    assert_eq!(
+        ours.oom_kills.unwrap_or(0),
+        0,
+        "the kernel never had to act"
+    );
+    assert_eq!(
+        ours.trace,
+        ["log closed"],
+        "the hook fsynced and closed the log"
+    );
+    assert_eq!(ours.replay.torn_bytes, 0, "no torn tail");
+    assert!(ours.acked.len() > 100, "it ran a while before the trip");
+    assert_every_ack_recovered(&ours);
+}
