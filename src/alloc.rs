@@ -46,7 +46,12 @@ impl<A> MemWatch<A> {
     /// check reads. The check can be late (or early) by less than `slack`
     /// per thread. `0` folds every call: exact, and as slow as one shared
     /// atomic.
+    ///
+    /// # Panics
+    ///
+    /// If `slack` exceeds `isize::MAX` (in a `static`, a compile error).
     pub const fn with_slack(mut self, slack: usize) -> Self {
+        assert!(slack <= isize::MAX as usize, "slack exceeds isize::MAX");
         self.slack = slack;
         self
     }

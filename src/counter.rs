@@ -72,17 +72,26 @@ const UNREGISTERED: u8 = 0;
 /// Claiming a slot and registering the exit destructor: allocations made by
 /// the registration itself land here and go straight to `TOTAL`.
 const REGISTERING: u8 = 1;
-/// Holds a slot (`MINE` is set).
+/// Holds a slot (`MINE` points to it).
 const ACTIVE: u8 = 2;
 /// No slot for this thread, for good: its destructor ran, the table was full,
 /// or the destructor could not be registered. Every call goes to `TOTAL`.
 const DIRECT: u8 = 3;
 
+/// Where `MINE` points while a thread holds no slot. Its `pending` sits so far
+/// outside any slack range that every update misses the fast path, which is
+/// how the fast path learns that there is no slot without a separate branch.
+/// It is never written.
+static NO_SLOT: Slot = Slot {
+    pending: AtomicIsize::new(isize::MIN / 2),
+    taken: AtomicBool::new(true),
+};
+
 thread_local! {
     // `const` initialisers and no `Drop`: these are plain TLS words, usable
     // at any point of a thread's life, including while other thread-locals
     // are being destroyed. Touching them never allocates.
-    static MINE: Cell<*const Slot> = const { Cell::new(ptr::null()) };
+    static MINE: Cell<&'static Slot> = const { Cell::new(&NO_SLOT) };
     static STATE: Cell<u8> = const { Cell::new(UNREGISTERED) };
     // The one thread-local with a destructor. It is touched only once per
     // thread, in `register`, under the `REGISTERING` state.
@@ -94,39 +103,42 @@ thread_local! {
 /// runs once per thread, when the thread first claims a slot.
 #[inline(always)]
 pub(crate) fn record(delta: isize, slack: usize, on_register: fn()) {
-    let mine = MINE.with(Cell::get);
-    if mine.is_null() {
-        return record_slow(delta, slack, on_register);
-    }
-    // SAFETY: `MINE` only ever holds null or the address of an element of
-    // the static `TABLE`, which lives for the whole program.
-    let slot = unsafe { &*mine };
-    // Relaxed is enough: only this thread writes `pending`, so it reads its
-    // own last store; readers summing the table tolerate a stale value (the
-    // reading is only promised exact once threads are quiescent, and joining
-    // or otherwise synchronising with a thread publishes its stores).
+    let slot = MINE.with(Cell::get);
+    // Relaxed is enough: only this thread writes its slot's `pending`, so it
+    // reads its own last store; readers summing the table tolerate a stale
+    // value (the reading is only promised exact once threads are quiescent,
+    // and joining or otherwise synchronising with a thread publishes its
+    // stores).
     let pending = slot.pending.load(Relaxed).wrapping_add(delta);
-    if pending.unsigned_abs() < slack {
+    // `-slack <= pending < slack`, as one unsigned compare: shifting the
+    // range up by `slack` maps it onto `0..2 * slack`. (`slack` is at most
+    // `isize::MAX`, so `2 * slack` cannot overflow `usize`.) `NO_SLOT` never
+    // passes: `isize::MIN / 2` plus any single allocation size stays far
+    // below `-slack`.
+    if (pending as usize).wrapping_add(slack) < slack.wrapping_mul(2) {
         slot.pending.store(pending, Relaxed);
     } else {
-        // Fold first, then clear: a concurrent reader may briefly count the
-        // delta twice, never lose it from both places at once.
-        fold(pending);
-        slot.pending.store(0, Relaxed);
+        record_cold(slot, pending, delta, slack, on_register);
     }
 }
 
 #[cold]
 #[inline(never)]
-fn record_slow(delta: isize, slack: usize, on_register: fn()) {
-    if STATE.with(Cell::get) == UNREGISTERED {
-        on_register();
-        register();
-        if !MINE.with(Cell::get).is_null() {
-            return record(delta, slack, on_register);
+fn record_cold(slot: &'static Slot, pending: isize, delta: isize, slack: usize, on_register: fn()) {
+    if ptr::eq(slot, &NO_SLOT) {
+        if STATE.with(Cell::get) == UNREGISTERED {
+            on_register();
+            register();
+            if !ptr::eq(MINE.with(Cell::get), &NO_SLOT) {
+                return record(delta, slack, on_register);
+            }
         }
+        return fold(delta);
     }
-    fold(delta);
+    // Fold first, then clear: a concurrent reader may briefly count the
+    // delta twice, never lose it from both places at once.
+    fold(pending);
+    slot.pending.store(0, Relaxed);
 }
 
 /// Adds `delta` to the shared total and lets the latch look at the result.
@@ -178,15 +190,13 @@ struct SlotRelease;
 
 impl Drop for SlotRelease {
     fn drop(&mut self) {
-        let mine = MINE.with(|m| m.replace(ptr::null()));
+        let slot = MINE.with(|m| m.replace(&NO_SLOT));
         // From now on, this thread's calls (other thread-locals' destructors
         // free memory too) go straight to `TOTAL`.
         STATE.with(|s| s.set(DIRECT));
-        if mine.is_null() {
+        if ptr::eq(slot, &NO_SLOT) {
             return;
         }
-        // SAFETY: as in `record`, a non-null `MINE` points into `TABLE`.
-        let slot = unsafe { &*mine };
         let pending = slot.pending.load(Relaxed);
         fold(pending);
         slot.pending.store(0, Relaxed);

@@ -1,0 +1,70 @@
+//! The allocators the benches compare, all reached through `GlobalAlloc` on
+//! instances in one binary, and the naive design as a reference.
+
+#![allow(dead_code)]
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+
+use memwatch::{Jemalloc, MemWatch};
+
+/// The naive design: one shared atomic updated on every call.
+pub struct SharedAtomic<A> {
+    inner: A,
+    live: AtomicUsize,
+}
+
+impl<A> SharedAtomic<A> {
+    pub const fn new(inner: A) -> Self {
+        SharedAtomic {
+            inner,
+            live: AtomicUsize::new(0),
+        }
+    }
+}
+
+// SAFETY: forwards every call unchanged to `inner`.
+unsafe impl<A: GlobalAlloc> GlobalAlloc for SharedAtomic<A> {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: the caller upholds `alloc`'s contract.
+        let p = unsafe { self.inner.alloc(layout) };
+        if !p.is_null() {
+            // A statistic: Relaxed is enough.
+            self.live.fetch_add(layout.size(), Relaxed);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from `inner` with `layout`.
+        unsafe { self.inner.dealloc(ptr, layout) };
+        self.live.fetch_sub(layout.size(), Relaxed);
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: the caller upholds `realloc`'s contract.
+        let p = unsafe { self.inner.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            self.live.fetch_add(new_size, Relaxed);
+            self.live.fetch_sub(layout.size(), Relaxed);
+        }
+        p
+    }
+}
+
+pub static SYSTEM: System = System;
+pub static JEMALLOC: Jemalloc = Jemalloc;
+pub static MEMWATCH_JEMALLOC: MemWatch<Jemalloc> = MemWatch::new(Jemalloc);
+pub static MEMWATCH_SYSTEM: MemWatch<System> = MemWatch::new(System);
+pub static CAP_JEMALLOC: cap::Cap<Jemalloc> = cap::Cap::new(Jemalloc, usize::MAX);
+pub static ATOMIC_JEMALLOC: SharedAtomic<Jemalloc> = SharedAtomic::new(Jemalloc);
+
+/// Every allocator under test, by the name the report uses.
+pub fn all() -> [(&'static str, &'static (dyn GlobalAlloc + Sync)); 6] {
+    [
+        ("system", &SYSTEM),
+        ("jemalloc", &JEMALLOC),
+        ("memwatch-jemalloc", &MEMWATCH_JEMALLOC),
+        ("memwatch-system", &MEMWATCH_SYSTEM),
+        ("cap-jemalloc", &CAP_JEMALLOC),
+        ("atomic-jemalloc", &ATOMIC_JEMALLOC),
+    ]
+}
