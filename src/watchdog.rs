@@ -451,7 +451,10 @@ fn panic_message(payload: &Box<dyn std::any::Any + Send>) -> &str {
 fn emit(level: Level, args: fmt::Arguments<'_>) {
     if log::max_level() == log::LevelFilter::Off {
         if level <= Level::Warn {
-            eprintln!("[memwatch {level}] {args}");
+            // One write per line (stderr is unbuffered), so that lines from
+            // several threads do not interleave.
+            let line = format!("[memwatch {level}] {args}\n");
+            let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
         }
     } else {
         log::log!(target: "memwatch", level, "{args}");

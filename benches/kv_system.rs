@@ -1,0 +1,8 @@
+//! Key-value churn with std's System as the global allocator.
+
+mod kv;
+
+#[global_allocator]
+static GLOBAL: std::alloc::System = std::alloc::System;
+
+kv_bench!("system");
