@@ -57,14 +57,18 @@ pub static MEMWATCH_SYSTEM: MemWatch<System> = MemWatch::new(System);
 pub static CAP_JEMALLOC: cap::Cap<Jemalloc> = cap::Cap::new(Jemalloc, usize::MAX);
 pub static ATOMIC_JEMALLOC: SharedAtomic<Jemalloc> = SharedAtomic::new(Jemalloc);
 
-/// Every allocator under test, by the name the report uses.
-pub fn all() -> [(&'static str, &'static (dyn GlobalAlloc + Sync)); 6] {
-    [
-        ("system", &SYSTEM),
-        ("jemalloc", &JEMALLOC),
-        ("memwatch-jemalloc", &MEMWATCH_JEMALLOC),
-        ("memwatch-system", &MEMWATCH_SYSTEM),
-        ("cap-jemalloc", &CAP_JEMALLOC),
-        ("atomic-jemalloc", &ATOMIC_JEMALLOC),
-    ]
+/// Calls `$f::<Type>(name, &STATIC)` for every allocator under test, in the
+/// order the report uses: monomorphised, so each is called the way a
+/// `#[global_allocator]` would be, without dynamic dispatch.
+#[macro_export]
+macro_rules! for_each_allocator {
+    ($f:expr, ( $($arg:expr),* )) => {{
+        use $crate::common::*;
+        $f($($arg,)* "system", &SYSTEM);
+        $f($($arg,)* "jemalloc", &JEMALLOC);
+        $f($($arg,)* "memwatch-jemalloc", &MEMWATCH_JEMALLOC);
+        $f($($arg,)* "memwatch-system", &MEMWATCH_SYSTEM);
+        $f($($arg,)* "cap-jemalloc", &CAP_JEMALLOC);
+        $f($($arg,)* "atomic-jemalloc", &ATOMIC_JEMALLOC);
+    }};
 }
