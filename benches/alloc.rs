@@ -44,7 +44,11 @@ fn on_threads<W: Work, A: GlobalAlloc + Sync + 'static>(
             })
         })
         .collect();
-    handles.into_iter().map(|h| h.join().unwrap()).max().unwrap()
+    handles
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .max()
+        .unwrap()
 }
 
 fn add<W: Work, A: GlobalAlloc + Sync + 'static>(

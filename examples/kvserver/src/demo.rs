@@ -30,7 +30,14 @@ pub fn value(conn: usize, seq: u64) -> Vec<u8> {
 }
 
 fn set_command(out: &mut Vec<u8>, key: &str, value: &[u8]) {
-    out.extend_from_slice(format!("*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n${}\r\n", key.len(), value.len()).as_bytes());
+    out.extend_from_slice(
+        format!(
+            "*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n${}\r\n",
+            key.len(),
+            value.len()
+        )
+        .as_bytes(),
+    );
     out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
 }
@@ -73,8 +80,27 @@ fn load(addr: &str, conn: usize, stop: &AtomicBool) -> u64 {
     acked
 }
 
+/// Writes on `CONNECTIONS` connections until the server goes away or
+/// `limit` passes; returns the acknowledged count of each connection.
+pub fn load_all(addr: &str, limit: Duration) -> Vec<u64> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let loaders: Vec<_> = (0..CONNECTIONS)
+        .map(|conn| {
+            let addr = addr.to_owned();
+            let stop = stop.clone();
+            thread::spawn(move || load(&addr, conn, &stop))
+        })
+        .collect();
+    let until = Instant::now() + limit;
+    while Instant::now() < until && !loaders.iter().all(|h| h.is_finished()) {
+        thread::sleep(Duration::from_millis(20));
+    }
+    stop.store(true, SeqCst);
+    loaders.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
 /// Reads back every acknowledged key; returns how many came back intact.
-fn verify(addr: &str, acked: &[u64]) -> u64 {
+pub fn verify(addr: &str, acked: &[u64]) -> u64 {
     let stream = TcpStream::connect(addr).expect("connect for verification");
     let mut writer = stream.try_clone().unwrap();
     let mut reader = BufReader::new(stream);
@@ -86,12 +112,18 @@ fn verify(addr: &str, acked: &[u64]) -> u64 {
             let mut buf = Vec::new();
             for s in seq..seq + batch {
                 let k = key(conn, s);
-                buf.extend_from_slice(format!("*2\r\n$3\r\nGET\r\n${}\r\n{k}\r\n", k.len()).as_bytes());
+                buf.extend_from_slice(
+                    format!("*2\r\n$3\r\nGET\r\n${}\r\n{k}\r\n", k.len()).as_bytes(),
+                );
             }
             writer.write_all(&buf).unwrap();
             for s in seq..seq + batch {
                 let header = read_line(&mut reader).expect("GET reply");
-                if let Some(len) = header.trim_end().strip_prefix('$').and_then(|l| l.parse::<usize>().ok()) {
+                if let Some(len) = header
+                    .trim_end()
+                    .strip_prefix('$')
+                    .and_then(|l| l.parse::<usize>().ok())
+                {
                     let mut body = vec![0; len + 2];
                     reader.read_exact(&mut body).unwrap();
                     if body[..len] == value(conn, s)[..] {
@@ -162,30 +194,14 @@ pub fn run(threshold_mb: &str) -> ExitCode {
     server.expect("replayed");
     let addr = server.expect("listening");
     println!("server on {addr}; {CONNECTIONS} connections writing, {PIPELINE} pipelined SETs each");
-    let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
-    let loaders: Vec<_> = (0..CONNECTIONS)
-        .map(|conn| {
-            let addr = addr.clone();
-            let stop = stop.clone();
-            thread::spawn(move || load(&addr, conn, &stop))
-        })
-        .collect();
-    let timer = {
-        let stop = stop.clone();
-        thread::spawn(move || {
-            let until = Instant::now() + MAX_LOAD_TIME;
-            while Instant::now() < until && !stop.load(SeqCst) {
-                thread::sleep(Duration::from_millis(50));
-            }
-            stop.store(true, SeqCst);
-        })
+    let load = {
+        let addr = addr.clone();
+        thread::spawn(move || load_all(&addr, MAX_LOAD_TIME))
     };
     let status = server.child.wait().expect("wait for the server");
     let exited_at = monotonic_ns();
-    stop.store(true, SeqCst);
-    let acked: Vec<u64> = loaders.into_iter().map(|h| h.join().unwrap()).collect();
-    timer.join().unwrap();
+    let acked = load.join().unwrap();
     let load_time = started.elapsed();
     let mut trip = None;
     while let Ok(line) = server.lines.try_recv() {
@@ -204,7 +220,10 @@ pub fn run(threshold_mb: &str) -> ExitCode {
     // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
     unsafe { libc::kill(restarted.child.id() as i32, libc::SIGTERM) };
     let mut restarted = restarted;
-    let restart_status = restarted.child.wait().expect("wait for the restarted server");
+    let restart_status = restarted
+        .child
+        .wait()
+        .expect("wait for the restarted server");
     let torn: u64 = replayed
         .rsplit_once("torn tail ")
         .and_then(|(_, b)| b.trim_end_matches(" bytes").parse().ok())
@@ -215,8 +234,18 @@ pub fn run(threshold_mb: &str) -> ExitCode {
     println!();
     println!("== memwatch demo summary ==");
     println!("threshold                   {threshold} MiB");
-    println!("load                        {:.1} s, {} writes acknowledged ({:.0}/s)", load_time.as_secs_f64(), total_acked, total_acked as f64 / load_time.as_secs_f64());
-    println!("server exit code            {}", status.code().map_or_else(|| format!("{status}"), |c| c.to_string()));
+    println!(
+        "load                        {:.1} s, {} writes acknowledged ({:.0}/s)",
+        load_time.as_secs_f64(),
+        total_acked,
+        total_acked as f64 / load_time.as_secs_f64()
+    );
+    println!(
+        "server exit code            {}",
+        status
+            .code()
+            .map_or_else(|| format!("{status}"), |c| c.to_string())
+    );
     match trip {
         Some((t, peak)) => {
             println!("peak live bytes             {peak} ({} MiB)", peak >> 20);
@@ -225,13 +254,25 @@ pub fn run(threshold_mb: &str) -> ExitCode {
         None => println!("peak live bytes             (no trip)"),
     }
     println!("restart replayed            {replayed}");
-    println!("torn tail                   {}", if torn > 0 { "yes" } else { "no" });
+    println!(
+        "torn tail                   {}",
+        if torn > 0 { "yes" } else { "no" }
+    );
     println!("writes acknowledged         {total_acked}");
     println!("writes recovered            {recovered}");
     println!("acknowledged writes lost    {lost}");
-    println!("restart stopped by SIGTERM  exit code {}", restart_status.code().map_or(-1, |c| c));
-    let ok = lost == 0 && status.code() == Some(2) && restart_status.code() == Some(0) && total_acked > 0;
-    println!("result                      {}", if ok { "PASS" } else { "FAIL" });
+    println!(
+        "restart stopped by SIGTERM  exit code {}",
+        restart_status.code().map_or(-1, |c| c)
+    );
+    let ok = lost == 0
+        && status.code() == Some(2)
+        && restart_status.code() == Some(0)
+        && total_acked > 0;
+    println!(
+        "result                      {}",
+        if ok { "PASS" } else { "FAIL" }
+    );
     if ok {
         ExitCode::SUCCESS
     } else {

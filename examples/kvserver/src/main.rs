@@ -6,6 +6,8 @@
 //! kvserver                      # the demo: serve, load until the trip, restart, verify
 //! kvserver demo [THRESHOLD_MB]  # the same, with another threshold (default 256)
 //! kvserver serve [ADDR] [WAL]   # just the server (default 127.0.0.1:6380, ./kvserver.wal)
+//! kvserver load ADDR SECONDS    # the demo's writers alone: prints `acked N` per connection
+//! kvserver verify ADDR N...     # reads back N writes per connection: prints `recovered N`
 //! ```
 //!
 //! The server takes its threshold from `ELASTICKV_MEMORY_SHUTDOWN_THRESHOLD_MB`.
@@ -35,12 +37,30 @@ fn main() -> ExitCode {
             demo::run(threshold)
         }
         Some("serve") => {
-            let addr = args.get(1).cloned().unwrap_or_else(|| "127.0.0.1:6380".into());
-            let wal = args.get(2).cloned().unwrap_or_else(|| "kvserver.wal".into());
+            let addr = args
+                .get(1)
+                .cloned()
+                .unwrap_or_else(|| "127.0.0.1:6380".into());
+            let wal = args
+                .get(2)
+                .cloned()
+                .unwrap_or_else(|| "kvserver.wal".into());
             serve(&addr, PathBuf::from(wal))
         }
+        Some("load") if args.len() == 3 => {
+            let secs = args[2].parse().unwrap_or(5);
+            for n in demo::load_all(&args[1], std::time::Duration::from_secs(secs)) {
+                println!("acked {n}");
+            }
+            ExitCode::SUCCESS
+        }
+        Some("verify") if args.len() >= 2 => {
+            let acked: Vec<u64> = args[2..].iter().filter_map(|a| a.parse().ok()).collect();
+            println!("recovered {}", demo::verify(&args[1], &acked));
+            ExitCode::SUCCESS
+        }
         Some(other) => {
-            eprintln!("unknown command {other:?}; usage: kvserver [demo [THRESHOLD_MB] | serve [ADDR] [WAL]]");
+            eprintln!("unknown command {other:?}; usage: kvserver [demo [THRESHOLD_MB] | serve [ADDR] [WAL] | load ADDR SECONDS | verify ADDR N...]");
             ExitCode::from(64)
         }
     }
@@ -90,9 +110,10 @@ fn serve(addr: &str, wal_path: PathBuf) -> ExitCode {
     let hook_server = server.clone();
     let watchdog = memwatch::Watchdog::from_env()
         .on_shutdown("report", report)
-        .on_shutdown("stop intake, finish in-flight commands, fsync and close the log", move || {
-            hook_server.shutdown()
-        })
+        .on_shutdown(
+            "stop intake, finish in-flight commands, fsync and close the log",
+            move || hook_server.shutdown(),
+        )
         .start();
 
     let signal_server = server.clone();

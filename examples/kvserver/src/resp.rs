@@ -161,7 +161,10 @@ mod tests {
         let c = cmd(&["SET", "k", "value"]);
         assert_eq!(
             parse(&c),
-            Parsed::Command(vec![b"SET".to_vec(), b"k".to_vec(), b"value".to_vec()], c.len())
+            Parsed::Command(
+                vec![b"SET".to_vec(), b"k".to_vec(), b"value".to_vec()],
+                c.len()
+            )
         );
         for cut in 0..c.len() {
             assert_eq!(parse(&c[..cut]), Parsed::Incomplete, "cut at {cut}");
@@ -180,7 +183,10 @@ mod tests {
     #[test]
     fn hostile_lengths_are_errors_not_allocations() {
         assert!(matches!(parse(b"*99999999999\r\n"), Parsed::Error(_)));
-        assert!(matches!(parse(b"*1\r\n$999999999999\r\n"), Parsed::Error(_)));
+        assert!(matches!(
+            parse(b"*1\r\n$999999999999\r\n"),
+            Parsed::Error(_)
+        ));
         assert!(matches!(parse(b"*1\r\n$-5\r\n"), Parsed::Error(_)));
         assert!(matches!(parse(b"*1\r\n$3\r\nabcXY"), Parsed::Error(_)));
         assert!(matches!(parse(b"*1\r\n:3\r\n"), Parsed::Error(_)));

@@ -65,14 +65,14 @@ impl Server {
                 Ok((stream, _)) => {
                     let server = self.clone();
                     server.connections.fetch_add(1, SeqCst);
-                    thread::Builder::new()
-                        .name("conn".into())
-                        .spawn(move || {
-                            let _ = server.connection(stream);
-                            server.connections.fetch_sub(1, SeqCst);
-                        })?;
+                    thread::Builder::new().name("conn".into()).spawn(move || {
+                        let _ = server.connection(stream);
+                        server.connections.fetch_sub(1, SeqCst);
+                    })?;
                 }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => thread::sleep(Duration::from_millis(5)),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    thread::sleep(Duration::from_millis(5))
+                }
                 Err(e) => log::warn!("accept: {e}"),
             }
         }
@@ -207,7 +207,10 @@ impl Server {
                 out,
                 &format!(
                     "ERR unknown command '{}'",
-                    String::from_utf8_lossy(&args[0]).chars().take(64).collect::<String>()
+                    String::from_utf8_lossy(&args[0])
+                        .chars()
+                        .take(64)
+                        .collect::<String>()
                 ),
             ),
         }
@@ -218,13 +221,25 @@ impl Server {
         let je = memwatch::jemalloc_stats().filter(|_| memwatch::wraps_jemalloc());
         let mut s = String::new();
         s.push_str("# Server\r\n");
-        s.push_str(&format!("redis_version:7.0.0-kvserver\r\nprocess_id:{}\r\n", std::process::id()));
-        s.push_str(&format!("uptime_in_seconds:{}\r\n", self.started.elapsed().as_secs()));
+        s.push_str(&format!(
+            "redis_version:7.0.0-kvserver\r\nprocess_id:{}\r\n",
+            std::process::id()
+        ));
+        s.push_str(&format!(
+            "uptime_in_seconds:{}\r\n",
+            self.started.elapsed().as_secs()
+        ));
         s.push_str("\r\n# Memory\r\n");
         s.push_str(&format!("used_memory:{}\r\n", snap.live_bytes));
         s.push_str(&format!("used_memory_peak:{}\r\n", snap.peak_bytes));
-        s.push_str(&format!("memwatch_threshold_bytes:{}\r\n", snap.threshold_bytes.unwrap_or(0)));
-        s.push_str(&format!("memwatch_tripped:{}\r\n", u8::from(snap.tripped_at_bytes.is_some())));
+        s.push_str(&format!(
+            "memwatch_threshold_bytes:{}\r\n",
+            snap.threshold_bytes.unwrap_or(0)
+        ));
+        s.push_str(&format!(
+            "memwatch_tripped:{}\r\n",
+            u8::from(snap.tripped_at_bytes.is_some())
+        ));
         if let Some(je) = je {
             s.push_str(&format!(
                 "jemalloc_allocated:{}\r\njemalloc_active:{}\r\njemalloc_resident:{}\r\njemalloc_mapped:{}\r\njemalloc_retained:{}\r\n",
@@ -232,8 +247,14 @@ impl Server {
             ));
         }
         s.push_str("\r\n# Stats\r\n");
-        s.push_str(&format!("acknowledged_writes:{}\r\n", self.writes.load(SeqCst)));
-        s.push_str(&format!("connected_clients:{}\r\n", self.connections.load(SeqCst)));
+        s.push_str(&format!(
+            "acknowledged_writes:{}\r\n",
+            self.writes.load(SeqCst)
+        ));
+        s.push_str(&format!(
+            "connected_clients:{}\r\n",
+            self.connections.load(SeqCst)
+        ));
         s.push_str("\r\n# Keyspace\r\n");
         s.push_str(&format!("db0:keys={}\r\n", self.store.read().len()));
         s

@@ -114,7 +114,10 @@ pub fn decode_all(data: &[u8]) -> io::Result<(Vec<Op>, usize)> {
             }
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                format!("corrupt log record at byte {at} with {} bytes after it", data.len() - end),
+                format!(
+                    "corrupt log record at byte {at} with {} bytes after it",
+                    data.len() - end
+                ),
             ));
         }
         let key_len = u32::from_le_bytes(body[1..5].try_into().unwrap()) as usize;
@@ -252,7 +255,7 @@ mod tests {
     fn log(n: usize) -> Vec<u8> {
         let mut v = Vec::new();
         for i in 0..n {
-            encode(&mut v, OP_SET, format!("k{i}").as_bytes(), &vec![i as u8; 100]);
+            encode(&mut v, OP_SET, format!("k{i}").as_bytes(), &[i as u8; 100]);
         }
         v
     }
