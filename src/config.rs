@@ -9,6 +9,23 @@ pub const THRESHOLD_ENV: &str = "ELASTICKV_MEMORY_SHUTDOWN_THRESHOLD_MB";
 /// How long the shutdown hooks may take, as `500ms`, `10s` or `2m`.
 pub const GRACE_ENV: &str = "ELASTICKV_MEMORY_SHUTDOWN_GRACE";
 
+/// The threshold as a fraction in (0, 1] of the effective memory limit (the
+/// cgroup's, or RAM). The MiB form wins if both are set.
+pub const THRESHOLD_RATIO_ENV: &str = "ELASTICKV_MEMORY_SHUTDOWN_THRESHOLD_RATIO";
+
+/// The soft (shed) level in MiB: above it, [`pressure`](crate::pressure)
+/// is true and the pressure callbacks run. Off by default; it must sit below
+/// the shutdown threshold.
+pub const SHED_ENV: &str = "ELASTICKV_MEMORY_SHED_THRESHOLD_MB";
+
+/// The soft level as a fraction in (0, 1] of the effective memory limit.
+pub const SHED_RATIO_ENV: &str = "ELASTICKV_MEMORY_SHED_THRESHOLD_RATIO";
+
+/// How far below the soft level usage must fall to leave it, in percent of
+/// the level: 10, so a 1000 MiB level is left below 900 MiB. Enough that a
+/// heap oscillating around the level by a request's worth does not flap.
+pub const DEFAULT_SHED_HYSTERESIS_PERCENT: u8 = 10;
+
 /// The threshold unit: a MiB, 1,048,576 bytes, as in the Go watchdog this
 /// crate follows (`ELASTICKV_MEMORY_SHUTDOWN_THRESHOLD_MB` × 1024 × 1024).
 pub const BYTES_PER_MIB: u64 = 1 << 20;
@@ -45,6 +62,12 @@ pub enum Problem {
     TooLarge,
     /// Not a duration of the form `<integer><ms|s|m>`.
     NotADuration,
+    /// Not a decimal fraction in (0, 1], such as `0.7`.
+    NotARatio,
+    /// The soft level is not below the shutdown threshold.
+    ShedNotBelowShutdown,
+    /// A ratio is set but no memory limit could be read.
+    NoMemoryLimit,
 }
 
 impl ConfigError {
@@ -54,6 +77,11 @@ impl ConfigError {
             value: value.to_owned(),
             problem,
         }
+    }
+
+    /// The same problem, attributed to `variable`.
+    pub(crate) fn renamed(self, variable: &'static str) -> Self {
+        ConfigError { variable, ..self }
     }
 
     /// The environment variable that held the value.
@@ -82,6 +110,13 @@ impl fmt::Display for ConfigError {
                 isize::MAX
             ),
             Problem::NotADuration => "expected a duration such as 500ms, 10s or 2m".to_owned(),
+            Problem::NotARatio => "expected a fraction in (0, 1], such as 0.7".to_owned(),
+            Problem::ShedNotBelowShutdown => {
+                "the shed level must sit below the shutdown threshold".to_owned()
+            }
+            Problem::NoMemoryLimit => {
+                "no memory limit could be read (cgroup or /proc/meminfo)".to_owned()
+            }
         };
         write!(f, "invalid {}={:?}: {}", self.variable, self.value, why)
     }
@@ -140,26 +175,94 @@ pub fn parse_grace(raw: &str) -> Result<Duration, ConfigError> {
     Ok(duration)
 }
 
-/// The configuration read from the environment.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct EnvConfig {
-    /// Threshold in bytes; `None` is off.
-    pub(crate) threshold: Option<u64>,
-    pub(crate) grace: Duration,
+/// Parses a ratio: a plain decimal fraction in (0, 1] (`0.7`, `.9`, `1`).
+/// Empty means unset. `variable` names the variable in the error.
+pub fn parse_ratio(variable: &'static str, raw: &str) -> Result<Option<f64>, ConfigError> {
+    let err = || ConfigError::new(variable, raw, Problem::NotARatio);
+    let text = raw.trim();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    // Digits and at most one dot: no sign, exponent, `inf` or `nan`.
+    let dots = text.bytes().filter(|&b| b == b'.').count();
+    if dots > 1 || text == "." || !text.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        return Err(err());
+    }
+    let r: f64 = text.parse().map_err(|_| err())?;
+    if r > 0.0 && r <= 1.0 {
+        Ok(Some(r))
+    } else {
+        Err(err())
+    }
 }
 
-/// Reads [`THRESHOLD_ENV`] and [`GRACE_ENV`]. A value that is not valid
-/// Unicode is malformed too.
-pub(crate) fn from_env() -> Result<EnvConfig, ConfigError> {
-    let threshold = match read(THRESHOLD_ENV, Problem::NotANumber)? {
-        Some(raw) => parse_threshold_mb(&raw)?,
+/// A level as configured: absolute, or relative to the memory limit.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Level {
+    /// Bytes.
+    Bytes(u64),
+    /// A fraction of the effective memory limit, and the variable it came
+    /// from.
+    Ratio(f64, &'static str),
+}
+
+/// The configuration read from the environment.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct EnvConfig {
+    /// Shutdown threshold; `None` is off.
+    pub(crate) threshold: Option<Level>,
+    /// Soft level, or the reason it is off.
+    pub(crate) shed: Result<Option<Level>, ConfigError>,
+    pub(crate) grace: Duration,
+    /// Warnings that leave the configuration on (both forms of a level set).
+    pub(crate) notes: Vec<String>,
+}
+
+/// Reads a level from its MiB variable and its ratio variable; the MiB form
+/// wins, with a note, if both are set.
+fn level(
+    mib_env: &'static str,
+    ratio_env: &'static str,
+    notes: &mut Vec<String>,
+) -> Result<Option<Level>, ConfigError> {
+    let mib = match read(mib_env, Problem::NotANumber)? {
+        Some(raw) => parse_threshold_mb(&raw).map_err(|e| e.renamed(mib_env))?,
         None => None,
     };
+    let ratio = match read(ratio_env, Problem::NotARatio)? {
+        Some(raw) => parse_ratio(ratio_env, &raw)?,
+        None => None,
+    };
+    match (mib, ratio) {
+        (Some(bytes), Some(r)) => {
+            notes.push(format!(
+                "both {mib_env} and {ratio_env}={r} are set; {mib_env} wins"
+            ));
+            Ok(Some(Level::Bytes(bytes)))
+        }
+        (Some(bytes), None) => Ok(Some(Level::Bytes(bytes))),
+        (None, Some(r)) => Ok(Some(Level::Ratio(r, ratio_env))),
+        (None, None) => Ok(None),
+    }
+}
+
+/// Reads every variable. A malformed shutdown threshold or grace is an
+/// error (the watchdog stays off); a malformed soft level turns off only
+/// the soft level. A value that is not valid Unicode is malformed too.
+pub(crate) fn from_env() -> Result<EnvConfig, ConfigError> {
+    let mut notes = Vec::new();
+    let threshold = level(THRESHOLD_ENV, THRESHOLD_RATIO_ENV, &mut notes)?;
     let grace = match read(GRACE_ENV, Problem::NotADuration)? {
         Some(raw) => parse_grace(&raw)?,
         None => DEFAULT_GRACE,
     };
-    Ok(EnvConfig { threshold, grace })
+    let shed = level(SHED_ENV, SHED_RATIO_ENV, &mut notes);
+    Ok(EnvConfig {
+        threshold,
+        shed,
+        grace,
+        notes,
+    })
 }
 
 fn read(variable: &'static str, problem: Problem) -> Result<Option<String>, ConfigError> {
@@ -241,6 +344,31 @@ mod tests {
             let e = parse_grace(raw).unwrap_err();
             assert_eq!(e.variable(), GRACE_ENV);
             assert_eq!(e.problem(), Problem::NotADuration, "input {raw:?}");
+        }
+    }
+
+    #[test]
+    fn ratio_table() {
+        for (raw, want) in [
+            ("0.7", 0.7),
+            (" 1 ", 1.0),
+            (".9", 0.9),
+            ("1.0", 1.0),
+            ("0.05", 0.05),
+        ] {
+            assert_eq!(
+                parse_ratio(THRESHOLD_RATIO_ENV, raw),
+                Ok(Some(want)),
+                "{raw:?}"
+            );
+        }
+        assert_eq!(parse_ratio(THRESHOLD_RATIO_ENV, ""), Ok(None));
+        for raw in [
+            "0", "0.0", "1.5", "-0.5", "abc", "1e-1", "inf", "nan", ".", "0.5.1", "70%",
+        ] {
+            let e = parse_ratio(SHED_RATIO_ENV, raw).unwrap_err();
+            assert_eq!(e.problem(), Problem::NotARatio, "{raw:?}");
+            assert_eq!(e.variable(), SHED_RATIO_ENV);
         }
     }
 

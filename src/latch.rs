@@ -11,8 +11,8 @@
 //! fold either sees the new threshold or happened before the watchdog's own
 //! check at start, which then catches it.
 
-use std::sync::atomic::AtomicIsize;
 use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicIsize};
 use std::sync::OnceLock;
 use std::thread::Thread;
 
@@ -25,6 +25,15 @@ static TRIPPED_AT: AtomicIsize = AtomicIsize::new(0);
 
 /// The highest folded total seen.
 static PEAK: AtomicIsize = AtomicIsize::new(0);
+
+/// The soft level: a fold above `SHED_ENTER` enters pressure, a fold below
+/// `SHED_LEAVE` leaves it. Off: never above `isize::MAX`, never below
+/// `isize::MIN`.
+static SHED_ENTER: AtomicIsize = AtomicIsize::new(isize::MAX);
+static SHED_LEAVE: AtomicIsize = AtomicIsize::new(isize::MIN);
+
+/// Whether usage is above the soft level (with hysteresis).
+static PRESSURE: AtomicBool = AtomicBool::new(false);
 
 /// The watchdog's thread, to unpark. `Thread::unpark` is an atomic swap and,
 /// if the thread sleeps, one futex wake: it neither allocates nor locks.
@@ -42,6 +51,27 @@ pub(crate) fn observe(now: isize) {
     // the watchdog's start is caught by the watchdog's own check.
     if now > THRESHOLD.load(Relaxed) {
         trip(now);
+    }
+    // The soft level: one compare each way. Relaxed loads of the levels:
+    // they are set once at start, before the watchdog looks at the reading
+    // (see `arm_shed`).
+    if now > SHED_ENTER.load(Relaxed) {
+        shift(true);
+    } else if now < SHED_LEAVE.load(Relaxed) {
+        shift(false);
+    }
+}
+
+/// Moves the pressure flag to `to`, waking the watchdog if it moved.
+#[cold]
+#[inline(never)]
+fn shift(to: bool) {
+    // The plain load first: while usage stays above the level (or below),
+    // every fold lands here and must not write the shared line.
+    // AcqRel on the exchange: the watchdog's Acquire load of `PRESSURE`
+    // sees the state as of this fold.
+    if PRESSURE.load(Relaxed) != to && PRESSURE.compare_exchange(!to, to, AcqRel, Relaxed).is_ok() {
+        wake();
     }
 }
 
@@ -70,6 +100,35 @@ pub(crate) fn arm(threshold: isize, watchdog: Thread) {
     // single-start guard rules out.
     let _ = WATCHDOG.set(watchdog);
     THRESHOLD.store(threshold, SeqCst);
+}
+
+/// Sets the soft level: enter above `enter`, leave below `leave`.
+/// Called once at start, before `arm`'s threshold store (SeqCst), so a fold
+/// that sees the threshold sees these too.
+pub(crate) fn arm_shed(enter: isize, leave: isize) {
+    debug_assert!(leave <= enter);
+    SHED_LEAVE.store(leave, SeqCst);
+    SHED_ENTER.store(enter, SeqCst);
+}
+
+/// Whether usage is above the soft level. Acquire pairs with the exchange
+/// in `shift`.
+pub(crate) fn pressure() -> bool {
+    PRESSURE.load(Acquire)
+}
+
+/// The soft level's enter and leave figures, if set.
+pub(crate) fn shed_levels() -> Option<(isize, isize)> {
+    match SHED_ENTER.load(SeqCst) {
+        isize::MAX => None,
+        enter => Some((enter, SHED_LEAVE.load(SeqCst))),
+    }
+}
+
+/// Enters or leaves pressure from outside a fold (the watchdog's check at
+/// start).
+pub(crate) fn shift_now(to: bool) {
+    shift(to);
 }
 
 /// Trips the latch from outside a fold (the watchdog's check at start).

@@ -70,7 +70,7 @@
 //!
 //! # MSRV
 //!
-//! Rust 1.80.
+//! Rust 1.82.
 
 #![deny(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
@@ -80,6 +80,7 @@ mod alloc;
 mod config;
 mod counter;
 mod latch;
+mod limits;
 mod stats;
 mod watchdog;
 
@@ -88,15 +89,19 @@ mod tests;
 
 pub use crate::alloc::{DefaultInner, MemWatch};
 pub use crate::config::{
-    parse_grace, parse_threshold_mb, ConfigError, Problem, BYTES_PER_MIB, DEFAULT_EXIT_CODE,
-    DEFAULT_GRACE, GRACE_ENV, THRESHOLD_ENV,
+    parse_grace, parse_ratio, parse_threshold_mb, ConfigError, Problem, BYTES_PER_MIB,
+    DEFAULT_EXIT_CODE, DEFAULT_GRACE, DEFAULT_SHED_HYSTERESIS_PERCENT, GRACE_ENV, SHED_ENV,
+    SHED_RATIO_ENV, THRESHOLD_ENV, THRESHOLD_RATIO_ENV,
 };
 pub use crate::counter::{DEFAULT_SLACK, SLOTS};
+pub use crate::limits::{memory_limit, memory_limit_at, LimitSource, MemoryLimit};
 pub use crate::stats::{
-    jemalloc_stats, live_bytes, peak_bytes, snapshot, threshold_bytes, tripped, wraps_jemalloc,
-    JemallocStats, Snapshot,
+    jemalloc_stats, live_bytes, peak_bytes, pressure, snapshot, threshold_bytes, tripped,
+    wraps_jemalloc, JemallocStats, Snapshot,
 };
-pub use crate::watchdog::{wait_tripped, wait_tripped_timeout, Watchdog, WatchdogHandle};
+pub use crate::watchdog::{
+    wait_tripped, wait_tripped_timeout, PressureEvent, Watchdog, WatchdogHandle,
+};
 
 /// jemalloc, the default inner allocator (re-exported from `tikv-jemallocator`).
 #[cfg(feature = "jemalloc")]

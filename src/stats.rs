@@ -16,6 +16,10 @@ pub struct Snapshot {
     pub threshold_bytes: Option<usize>,
     /// The folded total that tripped the latch, if it has tripped.
     pub tripped_at_bytes: Option<usize>,
+    /// Whether usage is above the soft level.
+    pub shedding: bool,
+    /// The soft level in bytes, if one is set.
+    pub shed_bytes: Option<usize>,
 }
 
 /// Live heap bytes through the memwatch allocator: the sum of requested sizes
@@ -44,6 +48,13 @@ pub fn tripped() -> bool {
     latch::tripped_at().is_some()
 }
 
+/// Whether live usage is above the soft (shed) level, with hysteresis: the
+/// cheap check a request handler makes before accepting work. One atomic
+/// load. Always `false` without a shed level.
+pub fn pressure() -> bool {
+    latch::pressure()
+}
+
 /// All of memwatch's figures at once.
 pub fn snapshot() -> Snapshot {
     Snapshot {
@@ -51,6 +62,8 @@ pub fn snapshot() -> Snapshot {
         peak_bytes: peak_bytes(),
         threshold_bytes: threshold_bytes(),
         tripped_at_bytes: latch::tripped_at().map(clamp),
+        shedding: latch::pressure(),
+        shed_bytes: latch::shed_levels().map(|(enter, _)| clamp(enter)),
     }
 }
 

@@ -16,13 +16,33 @@ use std::time::{Duration, Instant};
 use log::Level;
 use parking_lot::{Condvar, Mutex};
 
-use crate::config::{self, ConfigError, Problem, DEFAULT_EXIT_CODE, DEFAULT_GRACE};
-use crate::{counter, latch, stats};
+use crate::config::{
+    self, ConfigError, Level as Configured, Problem, DEFAULT_EXIT_CODE, DEFAULT_GRACE,
+    DEFAULT_SHED_HYSTERESIS_PERCENT,
+};
+use crate::{counter, latch, limits, stats};
 
 /// A shutdown hook: a name for the logs and the work.
 struct Hook {
     name: String,
     run: Box<dyn FnOnce() + Send + 'static>,
+}
+
+/// A pressure callback.
+type PressureCallback = Box<dyn FnMut(PressureEvent) + Send + 'static>;
+
+/// A change of the soft level, as the pressure callbacks see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PressureEvent {
+    /// `true`: usage rose above the soft level, shed load. `false`: it fell
+    /// below the leave level, accept load again.
+    pub shedding: bool,
+    /// Live heap bytes when the watchdog handled the change.
+    pub live_bytes: usize,
+    /// The soft level in bytes (entered above it).
+    pub enter_bytes: usize,
+    /// The leave level in bytes (left below it).
+    pub leave_bytes: usize,
 }
 
 /// Configures and starts the watchdog.
@@ -40,10 +60,14 @@ struct Hook {
 /// ```
 #[must_use = "a watchdog does nothing until `start` is called"]
 pub struct Watchdog {
-    threshold: Result<Option<u64>, ConfigError>,
+    threshold: Result<Option<Configured>, ConfigError>,
+    shed: Result<Option<Configured>, ConfigError>,
+    hysteresis_percent: u8,
     grace: Duration,
     exit_code: i32,
     hooks: Vec<Hook>,
+    pressure_callbacks: Vec<PressureCallback>,
+    notes: Vec<String>,
 }
 
 impl Default for Watchdog {
@@ -56,6 +80,8 @@ impl fmt::Debug for Watchdog {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Watchdog")
             .field("threshold", &self.threshold)
+            .field("shed", &self.shed)
+            .field("hysteresis_percent", &self.hysteresis_percent)
             .field("grace", &self.grace)
             .field("exit_code", &self.exit_code)
             .field(
@@ -73,23 +99,37 @@ impl Watchdog {
     pub fn new() -> Self {
         Watchdog {
             threshold: Ok(None),
+            shed: Ok(None),
+            hysteresis_percent: DEFAULT_SHED_HYSTERESIS_PERCENT,
             grace: DEFAULT_GRACE,
             exit_code: DEFAULT_EXIT_CODE,
             hooks: Vec::new(),
+            pressure_callbacks: Vec::new(),
+            notes: Vec::new(),
         }
     }
 
-    /// A watchdog configured from `ELASTICKV_MEMORY_SHUTDOWN_THRESHOLD_MB`
-    /// (MiB; unset, empty or `0` is off) and `ELASTICKV_MEMORY_SHUTDOWN_GRACE`
-    /// (default `30s`). A malformed value is reported by [`start`](Self::start)
+    /// A watchdog configured from the environment:
+    ///
+    /// - `ELASTICKV_MEMORY_SHUTDOWN_THRESHOLD_MB` (MiB; unset, empty or `0`
+    ///   is off) or `ELASTICKV_MEMORY_SHUTDOWN_THRESHOLD_RATIO` (a fraction
+    ///   of the cgroup's memory limit, or of RAM);
+    /// - `ELASTICKV_MEMORY_SHUTDOWN_GRACE` (default `30s`);
+    /// - `ELASTICKV_MEMORY_SHED_THRESHOLD_MB` or
+    ///   `ELASTICKV_MEMORY_SHED_THRESHOLD_RATIO`, the soft level (off by
+    ///   default).
+    ///
+    /// A malformed threshold or grace is reported by [`start`](Self::start)
     /// as one warning naming the variable and the value, and the watchdog
-    /// stays off.
+    /// stays off; a malformed soft level turns off only the soft level.
     pub fn from_env() -> Self {
         let mut w = Watchdog::new();
         match config::from_env() {
             Ok(c) => {
                 w.threshold = Ok(c.threshold);
+                w.shed = c.shed;
                 w.grace = c.grace;
+                w.notes = c.notes;
             }
             Err(e) => w.threshold = Err(e),
         }
@@ -99,7 +139,33 @@ impl Watchdog {
     /// Sets the threshold in MiB (1,048,576 bytes); `0` is off. Overrides
     /// the environment.
     pub fn threshold_mb(mut self, mib: u64) -> Self {
-        self.threshold = config::parse_threshold_mb(&mib.to_string());
+        self.threshold =
+            config::parse_threshold_mb(&mib.to_string()).map(|b| b.map(Configured::Bytes));
+        self
+    }
+
+    /// Sets the soft level in MiB; `0` is off. Above it [`pressure`] is
+    /// true and the pressure callbacks run; it must sit below the shutdown
+    /// threshold. Overrides the environment.
+    pub fn shed_threshold_mb(mut self, mib: u64) -> Self {
+        self.shed = config::parse_threshold_mb(&mib.to_string())
+            .map(|b| b.map(Configured::Bytes))
+            .map_err(|e| e.renamed(config::SHED_ENV));
+        self
+    }
+
+    /// Sets how far below the soft level usage must fall to leave it, in
+    /// percent of the level (default 10; at most 100).
+    pub fn shed_hysteresis_percent(mut self, percent: u8) -> Self {
+        self.hysteresis_percent = percent.min(100);
+        self
+    }
+
+    /// Adds a pressure callback, called on the watchdog thread when usage
+    /// enters the soft level and when it leaves it. Entered and left
+    /// alternate; changes faster than the watchdog can follow are merged.
+    pub fn on_pressure(mut self, callback: impl FnMut(PressureEvent) + Send + 'static) -> Self {
+        self.pressure_callbacks.push(Box::new(callback));
         self
     }
 
@@ -107,7 +173,7 @@ impl Watchdog {
     pub fn threshold_bytes(mut self, bytes: u64) -> Self {
         self.threshold = match bytes {
             0 => Ok(None),
-            b if isize::try_from(b).is_ok() => Ok(Some(b)),
+            b if isize::try_from(b).is_ok() => Ok(Some(Configured::Bytes(b))),
             _ => Err(ConfigError::in_code(
                 "Watchdog::threshold_bytes",
                 bytes,
@@ -159,7 +225,11 @@ impl Watchdog {
             exit_code: self.exit_code,
             grace: self.grace,
         };
-        let threshold = match self.threshold {
+        for note in &self.notes {
+            emit(Level::Warn, format_args!("{note}"));
+        }
+        let mut limit = None;
+        let threshold = match self.threshold.and_then(|t| resolve(t, &mut limit)) {
             Err(e) => {
                 emit(Level::Warn, format_args!("{e}; the memory watchdog is off"));
                 return off;
@@ -168,13 +238,30 @@ impl Watchdog {
                 emit(
                     Level::Info,
                     format_args!(
-                        "memory watchdog off: {} is unset, empty or 0",
-                        config::THRESHOLD_ENV
+                        "memory watchdog off: {} and {} are unset, empty or 0",
+                        config::THRESHOLD_ENV,
+                        config::THRESHOLD_RATIO_ENV
                     ),
                 );
                 return off;
             }
             Ok(Some(bytes)) => bytes as isize,
+        };
+        let shed = match self.shed.and_then(|s| resolve(s, &mut limit)) {
+            Ok(Some(bytes)) if bytes as isize >= threshold => {
+                let e = ConfigError::in_code(
+                    config::SHED_ENV,
+                    bytes / config::BYTES_PER_MIB,
+                    Problem::ShedNotBelowShutdown,
+                );
+                emit(Level::Warn, format_args!("{e}; the shed level is off"));
+                None
+            }
+            Ok(level) => level.map(|b| b as isize),
+            Err(e) => {
+                emit(Level::Warn, format_args!("{e}; the shed level is off"));
+                None
+            }
         };
         if STARTED.swap(true, SeqCst) {
             emit(
@@ -188,6 +275,9 @@ impl Watchdog {
             grace: self.grace,
             exit_code: self.exit_code,
         };
+        let hysteresis = self.hysteresis_percent;
+        let shed = shed.map(|enter| (enter, enter - enter / 100 * hysteresis as isize));
+        let callbacks = self.pressure_callbacks;
         let names: Vec<String> = self.hooks.iter().map(|h| h.name.clone()).collect();
         let spawned = thread::Builder::new()
             .name("memwatch-grace".into())
@@ -196,7 +286,7 @@ impl Watchdog {
                 let hooks = self.hooks;
                 thread::Builder::new()
                     .name("memwatch-watchdog".into())
-                    .spawn(move || watchdog_thread(plan, hooks))
+                    .spawn(move || watchdog_thread(plan, hooks, callbacks))
             });
         let watchdog = match spawned {
             Ok(handle) => handle,
@@ -208,12 +298,33 @@ impl Watchdog {
                 return off;
             }
         };
+        if let Some((enter, leave)) = shed {
+            latch::arm_shed(enter, leave);
+        }
         latch::arm(threshold, watchdog.thread().clone());
+        if let Some(l) = &limit {
+            emit(
+                Level::Info,
+                format_args!(
+                    "memory limit {} bytes ({} MiB) from {}",
+                    l.bytes,
+                    l.bytes / config::BYTES_PER_MIB,
+                    l.source
+                ),
+            );
+        }
+        let shed_text = match shed {
+            Some((enter, leave)) => format!(
+                "shed level {} MiB ({enter} bytes, left below {leave} bytes)",
+                enter as u64 / config::BYTES_PER_MIB
+            ),
+            None => "no shed level".to_owned(),
+        };
         emit(
             Level::Info,
             format_args!(
-                "memory watchdog on: threshold {} MiB ({} bytes), grace {:?}, exit code {}, \
-                 {} shutdown hook(s) {:?}, live heap now {} bytes",
+                "memory watchdog on: threshold {} MiB ({} bytes), {shed_text}, grace {:?}, \
+                 exit code {}, {} shutdown hook(s) {:?}, live heap now {} bytes",
                 threshold as u64 / config::BYTES_PER_MIB,
                 threshold,
                 plan.grace,
@@ -223,8 +334,12 @@ impl Watchdog {
                 stats::live_bytes(),
             ),
         );
-        // Folds before `arm` compared against no threshold: look once now.
+        // Folds before the levels were armed compared against none: look
+        // once now.
         let now = counter::live_bytes();
+        if shed.is_some_and(|(enter, _)| now > enter) {
+            latch::shift_now(true);
+        }
         if now > threshold {
             latch::trip_now(now);
         }
@@ -235,6 +350,33 @@ impl Watchdog {
 impl ConfigError {
     fn in_code(what: &'static str, value: u64, problem: Problem) -> Self {
         ConfigError::new(what, &value.to_string(), problem)
+    }
+}
+
+/// Turns a configured level into bytes, reading the memory limit (once) for
+/// a ratio.
+fn resolve(
+    level: Option<Configured>,
+    limit: &mut Option<limits::MemoryLimit>,
+) -> Result<Option<u64>, ConfigError> {
+    match level {
+        None => Ok(None),
+        Some(Configured::Bytes(b)) => Ok(Some(b)),
+        Some(Configured::Ratio(r, variable)) => {
+            if limit.is_none() {
+                *limit = limits::memory_limit();
+            }
+            let Some(l) = limit else {
+                return Err(ConfigError::new(
+                    variable,
+                    &r.to_string(),
+                    Problem::NoMemoryLimit,
+                ));
+            };
+            let bytes = (l.bytes as f64 * r) as u64;
+            let bytes = bytes.min(isize::MAX as u64);
+            Ok(Some(bytes.max(1)))
+        }
     }
 }
 
@@ -320,10 +462,15 @@ struct Plan {
     exit_code: i32,
 }
 
-fn watchdog_thread(plan: Plan, hooks: Vec<Hook>) {
+fn watchdog_thread(plan: Plan, hooks: Vec<Hook>, mut callbacks: Vec<PressureCallback>) {
+    let mut shedding = false;
     let tripped_at = loop {
         if let Some(at) = latch::tripped_at() {
             break at;
+        }
+        if latch::pressure() != shedding {
+            shedding = !shedding;
+            pressure_changed(shedding, &mut callbacks);
         }
         // Spurious wake-ups just loop.
         thread::park();
@@ -394,6 +541,42 @@ fn watchdog_thread(plan: Plan, hooks: Vec<Hook>) {
         ),
     );
     exit_once(plan.exit_code);
+}
+
+/// Logs a change of the soft level and runs the callbacks, each isolated.
+fn pressure_changed(shedding: bool, callbacks: &mut [PressureCallback]) {
+    let (enter, leave) = latch::shed_levels().unwrap_or((0, 0));
+    let event = PressureEvent {
+        shedding,
+        live_bytes: stats::live_bytes(),
+        enter_bytes: enter.max(0) as usize,
+        leave_bytes: leave.max(0) as usize,
+    };
+    if shedding {
+        emit(
+            Level::Warn,
+            format_args!(
+                "memory pressure: live heap {} bytes above the shed level {} bytes; shedding load",
+                event.live_bytes, event.enter_bytes
+            ),
+        );
+    } else {
+        emit(
+            Level::Info,
+            format_args!(
+                "memory pressure over: live heap {} bytes below {} bytes; accepting load",
+                event.live_bytes, event.leave_bytes
+            ),
+        );
+    }
+    for callback in callbacks.iter_mut() {
+        if let Err(payload) = panic::catch_unwind(AssertUnwindSafe(|| callback(event))) {
+            emit(
+                Level::Error,
+                format_args!("pressure callback panicked: {}", panic_message(&payload)),
+            );
+        }
+    }
 }
 
 fn grace_thread(plan: Plan) {

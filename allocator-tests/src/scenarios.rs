@@ -284,3 +284,54 @@ pub fn wal_writer() {
     drop(out);
     watchdog.exit_if_tripped();
 }
+
+/// The soft level: grows above it, falls into the hysteresis band (still
+/// shedding), falls below the leave level, and rises above it again. The
+/// callbacks trace each change; `pressure()` is checked at each step.
+/// Needs a shutdown threshold well above the soft level. Exits 0.
+pub fn shed_levels() {
+    init_logging();
+    let watchdog = memwatch::Watchdog::from_env()
+        .on_pressure(|e| {
+            trace(if e.shedding { "entered" } else { "left" });
+        })
+        .start();
+    let shed = memwatch::snapshot().shed_bytes.expect("a shed level") >> 20;
+    println!("shed MiB: {shed}");
+    let wait_for = |want: bool| {
+        let until = std::time::Instant::now() + Duration::from_secs(5);
+        while memwatch::pressure() != want && std::time::Instant::now() < until {
+            thread::sleep(Duration::from_millis(5));
+        }
+        memwatch::pressure()
+    };
+    // Each 1 MiB allocation is below the 4 MiB slack, so folds come every
+    // few MiB; a hop of 16 MiB past each mark makes sure one happens.
+    let mut held: Vec<Vec<u8>> = Vec::new();
+    let hold = |mib: usize, held: &mut Vec<Vec<u8>>| {
+        while held.len() < mib {
+            held.push(touched(1));
+        }
+        while held.len() > mib {
+            held.pop();
+        }
+    };
+    hold(shed / 2, &mut held);
+    println!("below: {}", wait_for(false));
+    hold(shed + 16, &mut held);
+    println!("above: {}", wait_for(true));
+    // Inside the band: 2% below the level, above the 10% leave mark.
+    hold(shed - shed / 50 - 1, &mut held);
+    thread::sleep(Duration::from_millis(200));
+    println!("in band: {}", memwatch::pressure());
+    hold(shed - shed / 10 - 16, &mut held);
+    println!("below leave: {}", wait_for(false));
+    hold(shed + 16, &mut held);
+    println!("above again: {}", wait_for(true));
+    // Let the watchdog run the last callback before exiting; keep the
+    // memory, so that freeing it does not make one more change.
+    thread::sleep(Duration::from_millis(200));
+    std::mem::forget(held);
+    watchdog.exit_if_tripped();
+    println!("finished");
+}

@@ -234,3 +234,44 @@ fn memwatch_exits_2_where_the_kernel_oom_kills() {
     assert!(ours.acked.len() > 100, "it ran a while before the trip");
     assert_every_ack_recovered(&ours);
 }
+
+#[test]
+fn a_ratio_threshold_follows_the_cgroup_limit() {
+    let cg = match Cgroup::create(
+        &format!("memwatch-test-ratio-{}", std::process::id()),
+        256 << 20,
+    ) {
+        Ok(cg) => cg,
+        Err(why) => return skip_or_fail(&why),
+    };
+    let mut cmd = cg.command(&bin_path("crosses_threshold"), &[]);
+    let out = cmd
+        .env_remove(THRESHOLD)
+        .env("ELASTICKV_MEMORY_SHUTDOWN_THRESHOLD_RATIO", "0.5")
+        .env("ELASTICKV_MEMORY_SHED_THRESHOLD_RATIO", "0.25")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{stderr}");
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let limit = stderr
+        .lines()
+        .find(|l| l.contains("memory limit "))
+        .expect("limit logged");
+    assert!(limit.contains("268435456 bytes (256 MiB)"), "{limit}");
+    assert!(
+        limit.contains(&format!("cgroup v{}", cg.version)),
+        "{limit}"
+    );
+    let on = stderr
+        .lines()
+        .find(|l| l.contains("memory watchdog on"))
+        .unwrap();
+    assert!(on.contains("threshold 128 MiB (134217728 bytes)"), "{on}");
+    assert!(on.contains("shed level 64 MiB (67108864 bytes"), "{on}");
+    assert!(
+        stderr.contains("shedding load"),
+        "the shed level was entered on the way"
+    );
+}

@@ -251,3 +251,83 @@ fn thread_churn_leaves_zero_drift() {
 fn thread_churn_leaves_zero_drift_over_system() {
     assert_no_drift("system_thread_churn");
 }
+
+const SHED: &str = "ELASTICKV_MEMORY_SHED_THRESHOLD_MB";
+const RATIO: &str = "ELASTICKV_MEMORY_SHUTDOWN_THRESHOLD_RATIO";
+const SHED_RATIO: &str = "ELASTICKV_MEMORY_SHED_THRESHOLD_RATIO";
+
+#[test]
+fn the_shed_level_is_entered_and_left_with_hysteresis() {
+    let r = run("shed_levels", &[(THRESHOLD, "1024"), (SHED, "128")], LIMIT);
+    assert_eq!(r.code(), Some(0), "{r:#?}");
+    assert_eq!(r.fact("shed MiB"), Some("128"));
+    assert_eq!(r.fact("below"), Some("false"), "{r:#?}");
+    assert_eq!(r.fact("above"), Some("true"), "{r:#?}");
+    assert_eq!(
+        r.fact("in band"),
+        Some("true"),
+        "hysteresis holds the level: {r:#?}"
+    );
+    assert_eq!(r.fact("below leave"), Some("false"), "{r:#?}");
+    assert_eq!(r.fact("above again"), Some("true"), "{r:#?}");
+    assert_eq!(
+        r.trace,
+        ["entered", "left", "entered"],
+        "one callback per change: {r:#?}"
+    );
+    assert_eq!(r.stderr_lines("shedding load").len(), 2, "{r:#?}");
+    assert_eq!(r.stderr_lines("accepting load").len(), 1, "{r:#?}");
+}
+
+#[test]
+fn bad_shed_values_turn_off_only_the_shed_level() {
+    for (env, needle) in [
+        (vec![(THRESHOLD, "4096"), (SHED, "abc")], SHED),
+        (vec![(THRESHOLD, "4096"), (SHED, "5000")], "must sit below"),
+        (vec![(THRESHOLD, "4096"), (SHED, "4096")], "must sit below"),
+        (vec![(THRESHOLD, "4096"), (SHED_RATIO, "2")], SHED_RATIO),
+    ] {
+        // runs_to_end holds 512 MiB at its peak: far below 4096.
+        let r = run("runs_to_end", &env, LIMIT);
+        assert_eq!(r.code(), Some(0), "{r:#?}");
+        let warnings = r.stderr_lines("WARN");
+        assert_eq!(warnings.len(), 1, "{env:?}: {r:#?}");
+        assert!(warnings[0].contains(needle), "{}", warnings[0]);
+        assert!(warnings[0].contains("shed level is off"), "{}", warnings[0]);
+        assert_eq!(
+            r.fact("armed"),
+            Some("true"),
+            "the shutdown threshold stays: {r:#?}"
+        );
+    }
+}
+
+#[test]
+fn bad_ratio_values_warn_once_and_stay_off() {
+    for value in ["1.5", "0", "-0.5", "abc", "70%", "1e-1"] {
+        let r = run("runs_to_end", &[(RATIO, value)], LIMIT);
+        assert_eq!(r.code(), Some(0), "{r:#?}");
+        assert_eq!(r.fact("armed"), Some("false"), "{r:#?}");
+        let warnings = r.stderr_lines("WARN");
+        assert_eq!(warnings.len(), 1, "{value:?}: {r:#?}");
+        assert!(warnings[0].contains(RATIO) && warnings[0].contains(&format!("{value:?}")));
+    }
+}
+
+#[test]
+fn the_mib_form_wins_over_the_ratio_with_a_warning() {
+    let r = run(
+        "crosses_threshold",
+        &[(THRESHOLD, "64"), (RATIO, "0.5")],
+        LIMIT,
+    );
+    assert_eq!(r.code(), Some(2), "{r:#?}");
+    let warnings = r.stderr_lines("WARN");
+    assert_eq!(warnings.len(), 1, "{r:#?}");
+    assert!(warnings[0].contains("wins"), "{}", warnings[0]);
+    assert_eq!(
+        r.stderr_lines("threshold 64 MiB (67108864 bytes)").len(),
+        1,
+        "{r:#?}"
+    );
+}

@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 use std::process::{Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 pub const THRESHOLD: &str = "ELASTICKV_MEMORY_SHUTDOWN_THRESHOLD_MB";
@@ -39,9 +40,12 @@ impl Run {
     }
 }
 
-/// A fresh scratch directory for one test.
+/// A fresh scratch directory for one run (tests run in parallel, several
+/// of them running the same binary).
 pub fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("memwatch-{name}-{}", std::process::id()));
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("memwatch-{name}-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
