@@ -144,7 +144,7 @@ impl Watchdog {
         self
     }
 
-    /// Sets the soft level in MiB; `0` is off. Above it [`pressure`] is
+    /// Sets the soft level in MiB; `0` is off. Above it [`pressure`](crate::pressure) is
     /// true and the pressure callbacks run; it must sit below the shutdown
     /// threshold. Overrides the environment.
     pub fn shed_threshold_mb(mut self, mib: u64) -> Self {

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use crate::monotonic_ns;
 
+const THRESHOLD_ENV: &str = "ELASTICKV_MEMORY_SHUTDOWN_THRESHOLD_MB";
+const SHED_ENV: &str = "ELASTICKV_MEMORY_SHED_THRESHOLD_MB";
 const CONNECTIONS: usize = 8;
 const PIPELINE: usize = 32;
 /// Bounds on the load, so the demo ends even if nothing trips.
@@ -51,38 +53,52 @@ fn read_line(r: &mut BufReader<TcpStream>) -> Option<String> {
     }
 }
 
-/// Writes on one connection until it fails; returns how many SETs were
-/// acknowledged (replies come in order, so they are a prefix).
-fn load(addr: &str, conn: usize, stop: &AtomicBool) -> u64 {
+/// What one writer saw.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Loaded {
+    /// SETs acknowledged (replies come in order, so they are a prefix).
+    pub acked: u64,
+    /// Whether it stopped at a "busy" (OOM) reply.
+    pub busy: bool,
+}
+
+/// Writes on one connection until a reply is not `+OK` or the connection
+/// fails.
+fn load(addr: &str, conn: usize, stop: &AtomicBool) -> Loaded {
+    let mut result = Loaded::default();
     let Ok(stream) = TcpStream::connect(addr) else {
-        return 0;
+        return result;
     };
     let _ = stream.set_nodelay(true);
     let mut writer = stream.try_clone().expect("clone stream");
     let mut reader = BufReader::new(stream);
-    let mut acked = 0u64;
+    let acked = &mut result.acked;
     let mut buf = Vec::new();
-    while acked < MAX_WRITES_PER_CONNECTION && !stop.load(SeqCst) {
+    while *acked < MAX_WRITES_PER_CONNECTION && !stop.load(SeqCst) {
         buf.clear();
         for i in 0..PIPELINE as u64 {
-            set_command(&mut buf, &key(conn, acked + i), &value(conn, acked + i));
+            set_command(&mut buf, &key(conn, *acked + i), &value(conn, *acked + i));
         }
         if writer.write_all(&buf).is_err() {
             break;
         }
         for _ in 0..PIPELINE {
             match read_line(&mut reader) {
-                Some(l) if l == "+OK\r\n" => acked += 1,
-                _ => return acked,
+                Some(l) if l == "+OK\r\n" => *acked += 1,
+                Some(l) if l.starts_with("-OOM") => {
+                    result.busy = true;
+                    return result;
+                }
+                _ => return result,
             }
         }
     }
-    acked
+    result
 }
 
 /// Writes on `CONNECTIONS` connections until the server goes away or
 /// `limit` passes; returns the acknowledged count of each connection.
-pub fn load_all(addr: &str, limit: Duration) -> Vec<u64> {
+pub fn load_all(addr: &str, limit: Duration) -> Vec<Loaded> {
     let stop = Arc::new(AtomicBool::new(false));
     let loaders: Vec<_> = (0..CONNECTIONS)
         .map(|conn| {
@@ -144,15 +160,19 @@ struct ServerProcess {
 }
 
 impl ServerProcess {
-    fn start(wal: &std::path::Path, threshold: Option<&str>) -> ServerProcess {
+    /// Starts `kvserver serve` on `wal` with only the memwatch variables in
+    /// `env` set.
+    fn start(wal: &std::path::Path, env: &[(&str, &str)]) -> ServerProcess {
         let mut cmd = Command::new(std::env::current_exe().unwrap());
         cmd.args(["serve", "127.0.0.1:0", wal.to_str().unwrap()])
-            .env_remove("ELASTICKV_MEMORY_SHUTDOWN_THRESHOLD_MB")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
-        if let Some(t) = threshold {
-            cmd.env("ELASTICKV_MEMORY_SHUTDOWN_THRESHOLD_MB", t);
+        for (k, _) in std::env::vars() {
+            if k.starts_with("ELASTICKV_MEMORY_") {
+                cmd.env_remove(k);
+            }
         }
+        cmd.envs(env.iter().copied());
         let mut child = cmd.spawn().expect("start the server");
         let out = child.stdout.take().unwrap();
         let (tx, lines) = mpsc::channel();
@@ -190,7 +210,7 @@ pub fn run(threshold_mb: &str) -> ExitCode {
     println!("log: {}", wal.display());
 
     // 1. Serve, and write until memwatch shuts the server down.
-    let mut server = ServerProcess::start(&wal, Some(&threshold));
+    let mut server = ServerProcess::start(&wal, &[(THRESHOLD_ENV, &threshold)]);
     server.expect("replayed");
     let addr = server.expect("listening");
     println!("server on {addr}; {CONNECTIONS} connections writing, {PIPELINE} pipelined SETs each");
@@ -201,7 +221,7 @@ pub fn run(threshold_mb: &str) -> ExitCode {
     };
     let status = server.child.wait().expect("wait for the server");
     let exited_at = monotonic_ns();
-    let acked = load.join().unwrap();
+    let acked: Vec<u64> = load.join().unwrap().iter().map(|l| l.acked).collect();
     let load_time = started.elapsed();
     let mut trip = None;
     while let Ok(line) = server.lines.try_recv() {
@@ -212,7 +232,7 @@ pub fn run(threshold_mb: &str) -> ExitCode {
     }
 
     // 2. Restart on the same log and read everything back.
-    let restarted = ServerProcess::start(&wal, None);
+    let restarted = ServerProcess::start(&wal, &[]);
     let replayed = restarted.expect("replayed");
     let addr = restarted.expect("listening");
     let total_acked: u64 = acked.iter().sum();
@@ -269,6 +289,213 @@ pub fn run(threshold_mb: &str) -> ExitCode {
         && status.code() == Some(2)
         && restart_status.code() == Some(0)
         && total_acked > 0;
+    println!(
+        "result                      {}",
+        if ok { "PASS" } else { "FAIL" }
+    );
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+/// Sends one command and returns the first line of the reply.
+fn command(addr: &str, parts: &[&str]) -> Option<String> {
+    let stream = TcpStream::connect(addr).ok()?;
+    let mut w = stream.try_clone().ok()?;
+    let mut r = BufReader::new(stream);
+    let mut req = format!("*{}\r\n", parts.len());
+    for p in parts {
+        req.push_str(&format!("${}\r\n{p}\r\n", p.len()));
+    }
+    w.write_all(req.as_bytes()).ok()?;
+    read_line(&mut r)
+}
+
+/// Reads the INFO field `name` from the server.
+fn info_field(addr: &str, name: &str) -> Option<String> {
+    let stream = TcpStream::connect(addr).ok()?;
+    let mut w = stream.try_clone().ok()?;
+    let mut r = BufReader::new(stream);
+    w.write_all(b"*1\r\n$4\r\nINFO\r\n").ok()?;
+    let header = read_line(&mut r)?;
+    let len: usize = header.trim_end().strip_prefix('$')?.parse().ok()?;
+    let mut body = vec![0; len + 2];
+    r.read_exact(&mut body).ok()?;
+    let body = String::from_utf8_lossy(&body).into_owned();
+    let prefix = format!("{name}:");
+    body.lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()).map(|v| v.trim().to_owned()))
+}
+
+/// Deletes the oldest `1/fraction` of each connection's acknowledged keys.
+fn delete_oldest(addr: &str, acked: &[u64], fraction: u64) -> u64 {
+    let stream = TcpStream::connect(addr).expect("connect to delete");
+    let mut w = stream.try_clone().unwrap();
+    let mut r = BufReader::new(stream);
+    let mut deleted = 0;
+    for (conn, &n) in acked.iter().enumerate() {
+        for chunk in (0..n / fraction).collect::<Vec<_>>().chunks(256) {
+            let mut buf = Vec::new();
+            for &seq in chunk {
+                let k = key(conn, seq);
+                buf.extend_from_slice(
+                    format!("*2\r\n$3\r\nDEL\r\n${}\r\n{k}\r\n", k.len()).as_bytes(),
+                );
+            }
+            w.write_all(&buf).unwrap();
+            for _ in chunk {
+                if read_line(&mut r).as_deref() == Some(":1\r\n") {
+                    deleted += 1;
+                }
+            }
+        }
+    }
+    deleted
+}
+
+/// A retry storm: `clients` connections each sending 4 MiB SETs again and
+/// again, whatever the reply. Each request must be read whole before it can
+/// be refused, so the server's per-connection buffers grow. Returns the
+/// number of "busy" replies; stops when the server goes away or at `limit`.
+fn storm(addr: &str, clients: usize, limit: Duration) -> u64 {
+    let until = Instant::now() + limit;
+    let handles: Vec<_> = (0..clients)
+        .map(|c| {
+            let addr = addr.to_owned();
+            thread::spawn(move || {
+                let mut busy = 0u64;
+                let Ok(stream) = TcpStream::connect(&addr) else {
+                    return 0;
+                };
+                let mut w = stream.try_clone().unwrap();
+                let mut r = BufReader::new(stream);
+                let mut req = Vec::new();
+                set_command(&mut req, &format!("storm:{c}"), &vec![b's'; 4 << 20]);
+                while Instant::now() < until {
+                    if w.write_all(&req).is_err() {
+                        break;
+                    }
+                    match read_line(&mut r) {
+                        Some(l) if l.starts_with("-OOM") => busy += 1,
+                        Some(_) => {}
+                        None => break,
+                    }
+                }
+                busy
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap_or(0)).sum()
+}
+
+fn exit_text(status: std::process::ExitStatus) -> String {
+    status
+        .code()
+        .map_or_else(|| status.to_string(), |c| c.to_string())
+}
+
+/// The pressure demo: two runs with a soft level below the threshold.
+/// First the load backs off at the first "busy" reply (and deletes a quarter
+/// of its keys): the server leaves pressure and keeps serving. Then the load
+/// does not back off (a retry storm of large writes): the server exits 2, and
+/// a restart finds every acknowledged write.
+pub fn run_shed(threshold_mb: &str, shed_mb: &str) -> ExitCode {
+    let dir = std::env::temp_dir().join(format!("kvserver-shed-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("demo directory");
+    let env = [(THRESHOLD_ENV, threshold_mb), (SHED_ENV, shed_mb)];
+    println!("== memwatch pressure demo: shed level {shed_mb} MiB, shutdown threshold {threshold_mb} MiB ==");
+
+    // Run 1: the load backs off.
+    let wal = dir.join("backs-off.wal");
+    let mut server = ServerProcess::start(&wal, &env);
+    server.expect("replayed");
+    let addr = server.expect("listening");
+    let loaded = load_all(&addr, MAX_LOAD_TIME);
+    let acked: Vec<u64> = loaded.iter().map(|l| l.acked).collect();
+    let busy_writers = loaded.iter().filter(|l| l.busy).count();
+    let shedding_at_peak = info_field(&addr, "memwatch_shedding");
+    let deleted = delete_oldest(&addr, &acked, 4);
+    let mut left = false;
+    let until = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < until {
+        if info_field(&addr, "memwatch_shedding").as_deref() == Some("0") {
+            left = true;
+            break;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    let shed1: u64 = info_field(&addr, "shed_writes")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let pong = command(&addr, &["PING"]).unwrap_or_default();
+    let write_after = command(&addr, &["SET", "after-backoff", "ok"]).unwrap_or_default();
+    // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
+    unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) };
+    let status1 = server.child.wait().expect("wait for the server");
+
+    println!();
+    println!("-- run 1: the load backs off at the first busy reply --");
+    println!("writes acknowledged         {}", acked.iter().sum::<u64>());
+    println!("writers told busy           {busy_writers} of {CONNECTIONS}");
+    println!(
+        "shedding at the peak        {}",
+        if shedding_at_peak.as_deref() == Some("1") {
+            "yes"
+        } else {
+            "no"
+        }
+    );
+    println!("writes refused (busy)       {shed1}");
+    println!("keys deleted backing off    {deleted}");
+    println!(
+        "pressure left               {}",
+        if left { "yes" } else { "no" }
+    );
+    println!(
+        "PING / SET after backing off {} / {}",
+        pong.trim(),
+        write_after.trim()
+    );
+    println!("server exit code (SIGTERM)  {}", exit_text(status1));
+    let run1_ok = busy_writers > 0
+        && left
+        && pong.trim() == "+PONG"
+        && write_after.trim() == "+OK"
+        && status1.code() == Some(0);
+
+    // Run 2: the load does not back off.
+    let wal = dir.join("storm.wal");
+    let mut server = ServerProcess::start(&wal, &env);
+    server.expect("replayed");
+    let addr = server.expect("listening");
+    let loaded = load_all(&addr, MAX_LOAD_TIME);
+    let acked: Vec<u64> = loaded.iter().map(|l| l.acked).collect();
+    let busy = storm(&addr, 64, Duration::from_secs(60));
+    let status2 = server.child.wait().expect("wait for the server");
+    let restarted = ServerProcess::start(&wal, &[]);
+    let replayed = restarted.expect("replayed");
+    let addr = restarted.expect("listening");
+    let total: u64 = acked.iter().sum();
+    let recovered = verify(&addr, &acked);
+    // SAFETY: as above.
+    unsafe { libc::kill(restarted.child.id() as i32, libc::SIGTERM) };
+    let mut restarted = restarted;
+    let _ = restarted.child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+
+    println!();
+    println!("-- run 2: the load does not back off (64 clients retrying 4 MiB writes) --");
+    println!("writes acknowledged         {total}");
+    println!("busy replies to the storm   {busy}");
+    println!("server exit code            {}", exit_text(status2));
+    println!("restart replayed            {replayed}");
+    println!("writes recovered            {recovered}");
+    println!("acknowledged writes lost    {}", total - recovered);
+    let run2_ok = status2.code() == Some(2) && recovered == total && total > 0;
+    let ok = run1_ok && run2_ok;
+    println!();
     println!(
         "result                      {}",
         if ok { "PASS" } else { "FAIL" }

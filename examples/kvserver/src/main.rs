@@ -5,6 +5,7 @@
 //! ```text
 //! kvserver                      # the demo: serve, load until the trip, restart, verify
 //! kvserver demo [THRESHOLD_MB]  # the same, with another threshold (default 256)
+//! kvserver demo-shed [T [S]]    # the soft level: a load that backs off, then one that does not
 //! kvserver serve [ADDR] [WAL]   # just the server (default 127.0.0.1:6380, ./kvserver.wal)
 //! kvserver load ADDR SECONDS    # the demo's writers alone: prints `acked N` per connection
 //! kvserver verify ADDR N...     # reads back N writes per connection: prints `recovered N`
@@ -36,6 +37,11 @@ fn main() -> ExitCode {
             let threshold = args.get(1).map(String::as_str).unwrap_or("256");
             demo::run(threshold)
         }
+        Some("demo-shed") => {
+            let threshold = args.get(1).map(String::as_str).unwrap_or("256");
+            let shed = args.get(2).map(String::as_str).unwrap_or("192");
+            demo::run_shed(threshold, shed)
+        }
         Some("serve") => {
             let addr = args
                 .get(1)
@@ -49,8 +55,8 @@ fn main() -> ExitCode {
         }
         Some("load") if args.len() == 3 => {
             let secs = args[2].parse().unwrap_or(5);
-            for n in demo::load_all(&args[1], std::time::Duration::from_secs(secs)) {
-                println!("acked {n}");
+            for l in demo::load_all(&args[1], std::time::Duration::from_secs(secs)) {
+                println!("acked {}", l.acked);
             }
             ExitCode::SUCCESS
         }
@@ -60,7 +66,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Some(other) => {
-            eprintln!("unknown command {other:?}; usage: kvserver [demo [THRESHOLD_MB] | serve [ADDR] [WAL] | load ADDR SECONDS | verify ADDR N...]");
+            eprintln!("unknown command {other:?}; usage: kvserver [demo [THRESHOLD_MB] | demo-shed [THRESHOLD_MB [SHED_MB]] | serve [ADDR] [WAL] | load ADDR SECONDS | verify ADDR N...]");
             ExitCode::from(64)
         }
     }

@@ -13,6 +13,10 @@ use parking_lot::RwLock;
 use crate::resp::{self, Parsed};
 use crate::wal::{self, Wal, OP_DEL, OP_SET};
 
+/// The reply to a write refused under memory pressure: Redis's own, so
+/// clients that handle maxmemory handle this.
+pub const OOM_REPLY: &str = "OOM command not allowed when used memory > 'maxmemory'.";
+
 /// How long a connection waits on a read before it looks at the stop flag.
 const POLL: Duration = Duration::from_millis(50);
 
@@ -24,8 +28,10 @@ pub struct Server {
     in_flight: AtomicUsize,
     connections: AtomicUsize,
     shutdown: Once,
-    /// Write commands refused (reserved for load shedding; counted in INFO).
+    /// Writes acknowledged.
     pub writes: AtomicU64,
+    /// Writes refused while memwatch reported pressure.
+    pub shed_writes: AtomicU64,
     started: Instant,
 }
 
@@ -52,6 +58,7 @@ impl Server {
             connections: AtomicUsize::new(0),
             shutdown: Once::new(),
             writes: AtomicU64::new(0),
+            shed_writes: AtomicU64::new(0),
             started: Instant::now(),
         });
         Ok((server, replay))
@@ -151,6 +158,12 @@ impl Server {
         match (name.as_slice(), args.len()) {
             (b"PING", 1) => resp::simple(out, "PONG"),
             (b"PING", 2) => resp::bulk(out, Some(&args[1])),
+            (b"SET", 3) if memwatch::pressure() => {
+                // Above the soft level: refuse writes as Redis does over
+                // maxmemory. Reads and deletes (which free memory) go on.
+                self.shed_writes.fetch_add(1, SeqCst);
+                resp::error(out, OOM_REPLY);
+            }
             (b"SET", 3) => {
                 let queued = {
                     let mut store = self.store.write();
@@ -240,6 +253,11 @@ impl Server {
             "memwatch_tripped:{}\r\n",
             u8::from(snap.tripped_at_bytes.is_some())
         ));
+        s.push_str(&format!(
+            "memwatch_shed_bytes:{}\r\nmemwatch_shedding:{}\r\n",
+            snap.shed_bytes.unwrap_or(0),
+            u8::from(snap.shedding)
+        ));
         if let Some(je) = je {
             s.push_str(&format!(
                 "jemalloc_allocated:{}\r\njemalloc_active:{}\r\njemalloc_resident:{}\r\njemalloc_mapped:{}\r\njemalloc_retained:{}\r\n",
@@ -250,6 +268,10 @@ impl Server {
         s.push_str(&format!(
             "acknowledged_writes:{}\r\n",
             self.writes.load(SeqCst)
+        ));
+        s.push_str(&format!(
+            "shed_writes:{}\r\n",
+            self.shed_writes.load(SeqCst)
         ));
         s.push_str(&format!(
             "connected_clients:{}\r\n",

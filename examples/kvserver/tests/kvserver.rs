@@ -303,3 +303,42 @@ fn redis_benchmark_completes_against_the_server() {
     assert_eq!(server.stop(), Some(0));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn the_pressure_demo_sheds_then_survives_or_exits_2() {
+    let out = Command::new(BIN)
+        .args(["demo-shed", "160", "96"])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let fields = |name: &str| -> Vec<String> {
+        stdout
+            .lines()
+            .filter_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_owned())
+            .collect()
+    };
+    // Run 1: busy replies, then the load backs off and the server lives on.
+    assert_eq!(fields("shedding at the peak"), ["yes"], "{stdout}");
+    assert!(
+        fields("writes refused (busy)")[0].parse::<u64>().unwrap() > 0,
+        "{stdout}"
+    );
+    assert_eq!(fields("pressure left"), ["yes"], "{stdout}");
+    assert_eq!(
+        fields("PING / SET after backing off"),
+        ["+PONG / +OK"],
+        "{stdout}"
+    );
+    assert_eq!(fields("server exit code (SIGTERM)"), ["0"], "{stdout}");
+    // Run 2: the load does not back off, and the hard stop still holds.
+    assert_eq!(fields("server exit code  "), ["2"], "{stdout}");
+    assert_eq!(fields("acknowledged writes lost"), ["0"], "{stdout}");
+    assert_eq!(fields("result"), ["PASS"]);
+}
