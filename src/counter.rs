@@ -174,7 +174,8 @@ fn register() {
 fn claim() -> Option<&'static Slot> {
     TABLE.iter().find(|slot| {
         // A cheap look before the read-modify-write keeps the scan from
-        // bouncing cache lines that other threads own.
+        // bouncing cache lines that other threads own. Relaxed: only a hint;
+        // the compare-and-swap decides, and its failure needs no ordering.
         !slot.taken.load(Relaxed)
             // Acquire pairs with the Release in `SlotRelease::drop`: the new
             // owner sees the previous owner's final `pending = 0`.
@@ -197,6 +198,8 @@ impl Drop for SlotRelease {
         if ptr::eq(slot, &NO_SLOT) {
             return;
         }
+        // Relaxed: this thread is the slot's only writer (see `record`);
+        // the Release store of `taken` below publishes the final zero.
         let pending = slot.pending.load(Relaxed);
         fold(pending);
         slot.pending.store(0, Relaxed);
@@ -216,13 +219,14 @@ pub(crate) fn live_bytes() -> isize {
     })
 }
 
-/// The folded total alone, what the threshold check compares.
+/// The folded total alone, what the threshold check compares. Relaxed: a
+/// statistic.
 #[cfg(test)]
 pub(crate) fn folded_bytes() -> isize {
     TOTAL.load(Relaxed)
 }
 
-/// How many slots live threads hold now.
+/// How many slots live threads hold now. Relaxed: a statistic.
 #[cfg(test)]
 pub(crate) fn threads_with_slots() -> usize {
     TABLE.iter().filter(|s| s.taken.load(Relaxed)).count()

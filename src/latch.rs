@@ -69,7 +69,8 @@ fn shift(to: bool) {
     // The plain load first: while usage stays above the level (or below),
     // every fold lands here and must not write the shared line.
     // AcqRel on the exchange: the watchdog's Acquire load of `PRESSURE`
-    // sees the state as of this fold.
+    // sees the state as of this fold. A failed exchange (another thread
+    // moved it first) does nothing, so its ordering is Relaxed.
     if PRESSURE.load(Relaxed) != to && PRESSURE.compare_exchange(!to, to, AcqRel, Relaxed).is_ok() {
         wake();
     }
@@ -81,6 +82,7 @@ fn trip(now: isize) {
     // Only the first crossing wins; later ones (other threads, or usage that
     // stays high) find the latch set and do nothing. The Release half of
     // AcqRel publishes this thread's prior writes to `tripped_at` readers.
+    // A lost exchange does nothing, so its failure ordering is Relaxed.
     if TRIPPED_AT.compare_exchange(0, now, AcqRel, Relaxed).is_ok() {
         wake();
     }
@@ -152,7 +154,7 @@ pub(crate) fn threshold() -> Option<isize> {
     }
 }
 
-/// The highest folded total seen so far.
+/// The highest folded total seen so far. Relaxed: a statistic.
 pub(crate) fn peak() -> isize {
     PEAK.load(Relaxed)
 }
