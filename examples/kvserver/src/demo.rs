@@ -184,6 +184,14 @@ impl ServerProcess {
         ServerProcess { child, lines }
     }
 
+    /// Sends SIGTERM and waits for the exit.
+    fn stop(mut self) -> std::process::ExitStatus {
+        // SAFETY: kill has no memory-safety preconditions; the pid is our
+        // child's, not yet reaped.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.child.wait().expect("wait for the server")
+    }
+
     /// Waits for a line starting with `prefix` and returns the rest.
     fn expect(&self, prefix: &str) -> String {
         loop {
@@ -195,6 +203,38 @@ impl ServerProcess {
                 return rest.trim().to_owned();
             }
         }
+    }
+}
+
+/// What a restart on a log found.
+struct Recovery {
+    /// The server's replay line.
+    replayed: String,
+    /// Bytes of torn tail the replay truncated.
+    torn: u64,
+    /// Acknowledged writes read back intact.
+    recovered: u64,
+    /// The restarted server's exit status after SIGTERM.
+    status: std::process::ExitStatus,
+}
+
+/// Restarts the server on `wal` without memwatch variables, reads back the
+/// acknowledged writes, and stops it with SIGTERM.
+fn restart_and_verify(wal: &std::path::Path, acked: &[u64]) -> Recovery {
+    let restarted = ServerProcess::start(wal, &[]);
+    let replayed = restarted.expect("replayed");
+    let addr = restarted.expect("listening");
+    let recovered = verify(&addr, acked);
+    let status = restarted.stop();
+    let torn = replayed
+        .rsplit_once("torn tail ")
+        .and_then(|(_, b)| b.trim_end_matches(" bytes").parse().ok())
+        .unwrap_or(0);
+    Recovery {
+        replayed,
+        torn,
+        recovered,
+        status,
     }
 }
 
@@ -232,22 +272,13 @@ pub fn run(threshold_mb: &str) -> ExitCode {
     }
 
     // 2. Restart on the same log and read everything back.
-    let restarted = ServerProcess::start(&wal, &[]);
-    let replayed = restarted.expect("replayed");
-    let addr = restarted.expect("listening");
     let total_acked: u64 = acked.iter().sum();
-    let recovered = verify(&addr, &acked);
-    // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
-    unsafe { libc::kill(restarted.child.id() as i32, libc::SIGTERM) };
-    let mut restarted = restarted;
-    let restart_status = restarted
-        .child
-        .wait()
-        .expect("wait for the restarted server");
-    let torn: u64 = replayed
-        .rsplit_once("torn tail ")
-        .and_then(|(_, b)| b.trim_end_matches(" bytes").parse().ok())
-        .unwrap_or(0);
+    let Recovery {
+        replayed,
+        torn,
+        recovered,
+        status: restart_status,
+    } = restart_and_verify(&wal, &acked);
     let _ = std::fs::remove_dir_all(&dir);
 
     let lost = total_acked - recovered;
@@ -409,7 +440,7 @@ pub fn run_shed(threshold_mb: &str, shed_mb: &str) -> ExitCode {
 
     // Run 1: the load backs off.
     let wal = dir.join("backs-off.wal");
-    let mut server = ServerProcess::start(&wal, &env);
+    let server = ServerProcess::start(&wal, &env);
     server.expect("replayed");
     let addr = server.expect("listening");
     let loaded = load_all(&addr, MAX_LOAD_TIME);
@@ -431,9 +462,7 @@ pub fn run_shed(threshold_mb: &str, shed_mb: &str) -> ExitCode {
         .unwrap_or(0);
     let pong = command(&addr, &["PING"]).unwrap_or_default();
     let write_after = command(&addr, &["SET", "after-backoff", "ok"]).unwrap_or_default();
-    // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
-    unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) };
-    let status1 = server.child.wait().expect("wait for the server");
+    let status1 = server.stop();
 
     println!();
     println!("-- run 1: the load backs off at the first busy reply --");
@@ -474,15 +503,12 @@ pub fn run_shed(threshold_mb: &str, shed_mb: &str) -> ExitCode {
     let acked: Vec<u64> = loaded.iter().map(|l| l.acked).collect();
     let busy = storm(&addr, 64, Duration::from_secs(60));
     let status2 = server.child.wait().expect("wait for the server");
-    let restarted = ServerProcess::start(&wal, &[]);
-    let replayed = restarted.expect("replayed");
-    let addr = restarted.expect("listening");
     let total: u64 = acked.iter().sum();
-    let recovered = verify(&addr, &acked);
-    // SAFETY: as above.
-    unsafe { libc::kill(restarted.child.id() as i32, libc::SIGTERM) };
-    let mut restarted = restarted;
-    let _ = restarted.child.wait();
+    let Recovery {
+        replayed,
+        recovered,
+        ..
+    } = restart_and_verify(&wal, &acked);
     let _ = std::fs::remove_dir_all(&dir);
 
     println!();

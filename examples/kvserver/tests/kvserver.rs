@@ -99,19 +99,25 @@ fn verify(addr: &str, acked: &[u64]) -> u64 {
         .unwrap()
 }
 
-#[test]
-fn the_demo_exits_2_and_loses_no_acknowledged_write() {
+/// Runs a demo mode, which must report PASS with exit 0; returns its stdout.
+fn demo(args: &[&str]) -> String {
     let out = Command::new(BIN)
-        .args(["demo", "64"])
+        .args(args)
         .env("RUST_LOG", "warn")
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    stdout
+}
+
+#[test]
+fn the_demo_exits_2_and_loses_no_acknowledged_write() {
+    let stdout = demo(&["demo", "64"]);
     let field = |name: &str| {
         stdout
             .lines()
@@ -306,17 +312,7 @@ fn redis_benchmark_completes_against_the_server() {
 
 #[test]
 fn the_pressure_demo_sheds_then_survives_or_exits_2() {
-    let out = Command::new(BIN)
-        .args(["demo-shed", "160", "96"])
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = demo(&["demo-shed", "160", "96"]);
     let fields = |name: &str| -> Vec<String> {
         stdout
             .lines()
