@@ -320,15 +320,7 @@ pub fn run(threshold_mb: &str) -> ExitCode {
         && status.code() == Some(2)
         && restart_status.code() == Some(0)
         && total_acked > 0;
-    println!(
-        "result                      {}",
-        if ok { "PASS" } else { "FAIL" }
-    );
-    if ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    }
+    verdict(ok)
 }
 
 /// Sends one command and returns the first line of the reply.
@@ -522,6 +514,11 @@ pub fn run_shed(threshold_mb: &str, shed_mb: &str) -> ExitCode {
     let run2_ok = status2.code() == Some(2) && recovered == total && total > 0;
     let ok = run1_ok && run2_ok;
     println!();
+    verdict(ok)
+}
+
+/// Prints the result line; exit code 0 for PASS, 1 for FAIL.
+fn verdict(ok: bool) -> ExitCode {
     println!(
         "result                      {}",
         if ok { "PASS" } else { "FAIL" }
