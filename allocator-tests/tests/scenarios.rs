@@ -331,3 +331,11 @@ fn the_mib_form_wins_over_the_ratio_with_a_warning() {
         "{r:#?}"
     );
 }
+
+#[test]
+fn nothing_on_the_allocator_path_allocates() {
+    let r = run("hot_path_reentrance", &[(THRESHOLD, "64")], LIMIT);
+    assert_eq!(r.code(), Some(2), "{r:#?}");
+    assert_eq!(r.fact("churn done, nested so far"), Some("0"), "{r:#?}");
+    assert_eq!(r.fact("nested"), Some("0"), "{r:#?}");
+}
