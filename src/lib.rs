@@ -33,11 +33,33 @@
 //! | variable | meaning | default |
 //! |---|---|---|
 //! | `ELASTICKV_MEMORY_SHUTDOWN_THRESHOLD_MB` | threshold in MiB (× 1,048,576 bytes); unset, empty or `0` is off | off |
+//! | `ELASTICKV_MEMORY_SHUTDOWN_THRESHOLD_RATIO` | threshold as a fraction in (0, 1] of the effective memory limit (cgroup or RAM); the MiB form wins | off |
 //! | `ELASTICKV_MEMORY_SHUTDOWN_GRACE` | time the hooks may take: `500ms`, `10s`, `2m` | `30s` |
+//! | `ELASTICKV_MEMORY_SHED_THRESHOLD_MB` | soft level in MiB, below the threshold: [`pressure`] turns true above it | off |
+//! | `ELASTICKV_MEMORY_SHED_THRESHOLD_RATIO` | soft level as a fraction of the effective memory limit | off |
 //!
-//! A malformed value gives one warning naming the variable and the value, and
-//! the watchdog stays off. Warnings go through the [`log`] crate; if the
+//! A malformed value gives one warning naming the variable and the value; a
+//! bad threshold or grace leaves the watchdog off, a bad soft level leaves
+//! only the soft level off. Warnings go through the [`log`] crate; if the
 //! application installed no logger, warnings and errors go to standard error.
+//!
+//! # Shedding load first
+//!
+//! Above the soft level, [`pressure`] is true (one atomic load) and the
+//! callbacks given to [`Watchdog::on_pressure`] run on the watchdog thread;
+//! usage must fall 10% below the level to leave it. A handler refuses work
+//! while the server can still answer:
+//!
+//! ```
+//! fn handle_write() -> Result<(), &'static str> {
+//!     if memwatch::pressure() {
+//!         return Err("busy, try later");
+//!     }
+//!     // ... accept the write ...
+//!     Ok(())
+//! }
+//! # assert!(handle_write().is_ok());
+//! ```
 //!
 //! # Exit codes
 //!
