@@ -1,160 +1,344 @@
-//! The one-shot latch: the fold that first takes the shared total above the
-//! threshold records the figure and wakes the watchdog.
+//! The one-shot latch and the soft level: the fold that first takes the
+//! shared total above the threshold records the figure and wakes the
+//! watchdog; folds that cross the soft level flip the pressure flag.
+//!
+//! The decisions live in [`Latch`], which `loom` model-checks (the `loom`
+//! cfg swaps its atomics); the process's one instance and the wake-up of the
+//! watchdog thread are the free functions below it.
 //!
 //! # Atomic orderings
 //!
-//! The promise: once [`tripped_at`] returns `Some`, everything the tripping
-//! thread did before its fold is visible to the reader. The compare-and-swap
-//! in [`observe`] is a Release (as part of `AcqRel`) and the loads in
-//! [`tripped_at`] are Acquire; they pair. The threshold itself is set by the
-//! watchdog before it looks at the reading, with SeqCst on both sides, so a
-//! fold either sees the new threshold or happened before the watchdog's own
-//! check at start, which then catches it.
+//! The promise: once [`Latch::tripped_at`] returns `Some`, everything the
+//! tripping thread did before its fold is visible to the reader. The
+//! compare-and-swap in `trip` is a Release (as part of `AcqRel`) and the
+//! load in `tripped_at` is Acquire; they pair. The same holds for the
+//! pressure flag. The levels are set by the watchdog before it looks at the
+//! reading, with SeqCst on both sides, so a fold either sees the new levels
+//! or happened before the watchdog's own check at start, which then catches
+//! it.
 
+#[cfg(loom)]
+use loom::sync::atomic::{AtomicBool, AtomicIsize};
 use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, SeqCst};
+#[cfg(not(loom))]
 use std::sync::atomic::{AtomicBool, AtomicIsize};
-use std::sync::OnceLock;
-use std::thread::Thread;
 
-/// The threshold in bytes; `isize::MAX` while the watchdog is off.
-static THRESHOLD: AtomicIsize = AtomicIsize::new(isize::MAX);
+/// The latch's state. One instance per process (see [`LATCH`]).
+pub(crate) struct Latch {
+    /// The threshold in bytes; `isize::MAX` while the watchdog is off.
+    threshold: AtomicIsize,
+    /// 0 until the latch trips, then the folded total that tripped it
+    /// (above a threshold of at least 1, so never 0).
+    tripped_at: AtomicIsize,
+    /// The highest folded total seen.
+    peak: AtomicIsize,
+    /// A fold above `shed_enter` enters pressure, one below `shed_leave`
+    /// leaves it. Off: never above `isize::MAX`, never below `isize::MIN`.
+    shed_enter: AtomicIsize,
+    shed_leave: AtomicIsize,
+    /// Whether usage is above the soft level (with hysteresis).
+    pressure: AtomicBool,
+}
 
-/// 0 until the latch trips, then the folded total that tripped it (which is
-/// above a threshold of at least 1, so never 0).
-static TRIPPED_AT: AtomicIsize = AtomicIsize::new(0);
+macro_rules! latch_new {
+    () => {
+        Latch {
+            threshold: AtomicIsize::new(isize::MAX),
+            tripped_at: AtomicIsize::new(0),
+            peak: AtomicIsize::new(0),
+            shed_enter: AtomicIsize::new(isize::MAX),
+            shed_leave: AtomicIsize::new(isize::MIN),
+            pressure: AtomicBool::new(false),
+        }
+    };
+}
 
-/// The highest folded total seen.
-static PEAK: AtomicIsize = AtomicIsize::new(0);
-
-/// The soft level: a fold above `SHED_ENTER` enters pressure, a fold below
-/// `SHED_LEAVE` leaves it. Off: never above `isize::MAX`, never below
-/// `isize::MIN`.
-static SHED_ENTER: AtomicIsize = AtomicIsize::new(isize::MAX);
-static SHED_LEAVE: AtomicIsize = AtomicIsize::new(isize::MIN);
-
-/// Whether usage is above the soft level (with hysteresis).
-static PRESSURE: AtomicBool = AtomicBool::new(false);
-
-/// The watchdog's thread, to unpark. `Thread::unpark` is an atomic swap and,
-/// if the thread sleeps, one futex wake: it neither allocates nor locks.
-static WATCHDOG: OnceLock<Thread> = OnceLock::new();
-
-/// Called on every fold with the new folded total.
-#[inline]
-pub(crate) fn observe(now: isize) {
-    // Relaxed is enough for the peak: a statistic. The load first keeps the
-    // common case (no new peak) free of a read-modify-write.
-    if now > PEAK.load(Relaxed) {
-        PEAK.fetch_max(now, Relaxed);
+impl Latch {
+    /// An unarmed latch.
+    #[cfg(not(loom))]
+    pub(crate) const fn new() -> Self {
+        latch_new!()
     }
-    // Relaxed load of the threshold: see the module docs; a fold racing with
-    // the watchdog's start is caught by the watchdog's own check.
-    if now > THRESHOLD.load(Relaxed) {
-        trip(now);
+
+    /// An unarmed latch (loom's atomics have no `const` constructor).
+    #[cfg(loom)]
+    pub(crate) fn new() -> Self {
+        latch_new!()
     }
-    // The soft level: one compare each way. Relaxed loads of the levels:
-    // they are set once at start, before the watchdog looks at the reading
-    // (see `arm_shed`).
-    if now > SHED_ENTER.load(Relaxed) {
-        shift(true);
-    } else if now < SHED_LEAVE.load(Relaxed) {
-        shift(false);
+
+    /// Looks at a fold's new total; returns whether the watchdog must be
+    /// woken (the latch tripped, or the pressure flag moved).
+    #[inline]
+    pub(crate) fn observe(&self, now: isize) -> bool {
+        // Relaxed is enough for the peak: a statistic. The load first keeps
+        // the common case (no new peak) free of a read-modify-write.
+        if now > self.peak.load(Relaxed) {
+            self.peak.fetch_max(now, Relaxed);
+        }
+        let mut wake = false;
+        // Relaxed load of the threshold: see the module docs; a fold racing
+        // with the watchdog's start is caught by the watchdog's own check.
+        if now > self.threshold.load(Relaxed) {
+            wake |= self.trip(now);
+        }
+        // The soft level: one compare each way, Relaxed for the same reason.
+        if now > self.shed_enter.load(Relaxed) {
+            wake |= self.shift(true);
+        } else if now < self.shed_leave.load(Relaxed) {
+            wake |= self.shift(false);
+        }
+        wake
+    }
+
+    /// Sets the latch to `now` if it is not set yet; true for the one
+    /// caller that set it.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn trip(&self, now: isize) -> bool {
+        // Only the first crossing wins; later ones (other threads, or usage
+        // that stays high) find the latch set and do nothing. The Release
+        // half of AcqRel publishes this thread's prior writes to
+        // `tripped_at` readers. A lost exchange does nothing, so its failure
+        // ordering is Relaxed.
+        self.tripped_at
+            .compare_exchange(0, now.max(1), AcqRel, Relaxed)
+            .is_ok()
+    }
+
+    /// Moves the pressure flag to `to`; true if this call moved it.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn shift(&self, to: bool) -> bool {
+        // The plain load first: while usage stays on one side, every fold
+        // lands here and must not write the shared line. AcqRel on the
+        // exchange pairs with the Acquire in `pressure`; a failed exchange
+        // (another thread moved it first) does nothing, hence Relaxed.
+        self.pressure.load(Relaxed) != to
+            && self
+                .pressure
+                .compare_exchange(!to, to, AcqRel, Relaxed)
+                .is_ok()
+    }
+
+    /// Arms the threshold.
+    pub(crate) fn arm(&self, threshold: isize) {
+        debug_assert!(threshold > 0);
+        self.threshold.store(threshold, SeqCst);
+    }
+
+    /// Sets the soft level: enter above `enter`, leave below `leave`. Called
+    /// before `arm`, so a fold that sees the threshold sees these too.
+    pub(crate) fn arm_shed(&self, enter: isize, leave: isize) {
+        debug_assert!(leave <= enter);
+        self.shed_leave.store(leave, SeqCst);
+        self.shed_enter.store(enter, SeqCst);
+    }
+
+    /// The folded total that tripped the latch, if it has tripped.
+    pub(crate) fn tripped_at(&self) -> Option<isize> {
+        match self.tripped_at.load(Acquire) {
+            0 => None,
+            n => Some(n),
+        }
+    }
+
+    /// Whether usage is above the soft level.
+    pub(crate) fn pressure(&self) -> bool {
+        self.pressure.load(Acquire)
+    }
+
+    /// The armed threshold, if any.
+    pub(crate) fn threshold(&self) -> Option<isize> {
+        match self.threshold.load(SeqCst) {
+            isize::MAX => None,
+            n => Some(n),
+        }
+    }
+
+    /// The soft level's enter and leave figures, if set.
+    pub(crate) fn shed_levels(&self) -> Option<(isize, isize)> {
+        match self.shed_enter.load(SeqCst) {
+            isize::MAX => None,
+            enter => Some((enter, self.shed_leave.load(SeqCst))),
+        }
+    }
+
+    /// The highest folded total seen so far. Relaxed: a statistic.
+    pub(crate) fn peak(&self) -> isize {
+        self.peak.load(Relaxed)
     }
 }
 
-/// Moves the pressure flag to `to`, waking the watchdog if it moved.
-#[cold]
-#[inline(never)]
-fn shift(to: bool) {
-    // The plain load first: while usage stays above the level (or below),
-    // every fold lands here and must not write the shared line.
-    // AcqRel on the exchange: the watchdog's Acquire load of `PRESSURE`
-    // sees the state as of this fold. A failed exchange (another thread
-    // moved it first) does nothing, so its ordering is Relaxed.
-    if PRESSURE.load(Relaxed) != to && PRESSURE.compare_exchange(!to, to, AcqRel, Relaxed).is_ok() {
-        wake();
+#[cfg(not(loom))]
+pub(crate) use process::*;
+
+/// The process's latch and the watchdog wake-up.
+#[cfg(not(loom))]
+mod process {
+    use std::sync::OnceLock;
+    use std::thread::Thread;
+
+    use super::Latch;
+
+    static LATCH: Latch = Latch::new();
+
+    /// The watchdog's thread, to unpark. `Thread::unpark` is an atomic swap
+    /// and, if the thread sleeps, one futex wake: it neither allocates nor
+    /// locks.
+    static WATCHDOG: OnceLock<Thread> = OnceLock::new();
+
+    fn wake() {
+        if let Some(thread) = WATCHDOG.get() {
+            thread.unpark();
+        }
+    }
+
+    /// Called on every fold with the new folded total.
+    #[inline]
+    pub(crate) fn observe(now: isize) {
+        if LATCH.observe(now) {
+            wake();
+        }
+    }
+
+    /// Arms the latch at `threshold` bytes and names the thread to wake.
+    /// Called once, at start.
+    pub(crate) fn arm(threshold: isize, watchdog: Thread) {
+        // `set` fails only if a watchdog was armed before, which the
+        // watchdog's single-start guard rules out.
+        let _ = WATCHDOG.set(watchdog);
+        LATCH.arm(threshold);
+    }
+
+    /// Sets the soft level; called before `arm`.
+    pub(crate) fn arm_shed(enter: isize, leave: isize) {
+        LATCH.arm_shed(enter, leave);
+    }
+
+    /// Trips the latch from outside a fold (the watchdog's check at start).
+    pub(crate) fn trip_now(now: isize) {
+        if LATCH.trip(now) {
+            wake();
+        }
+    }
+
+    /// Enters or leaves pressure from outside a fold.
+    pub(crate) fn shift_now(to: bool) {
+        if LATCH.shift(to) {
+            wake();
+        }
+    }
+
+    /// The folded total that tripped the latch, if it has tripped.
+    pub(crate) fn tripped_at() -> Option<isize> {
+        LATCH.tripped_at()
+    }
+
+    /// Whether usage is above the soft level.
+    pub(crate) fn pressure() -> bool {
+        LATCH.pressure()
+    }
+
+    /// The armed threshold, if any.
+    pub(crate) fn threshold() -> Option<isize> {
+        LATCH.threshold()
+    }
+
+    /// The soft level's enter and leave figures, if set.
+    pub(crate) fn shed_levels() -> Option<(isize, isize)> {
+        LATCH.shed_levels()
+    }
+
+    /// The highest folded total seen so far.
+    pub(crate) fn peak() -> isize {
+        LATCH.peak()
     }
 }
 
-#[cold]
-#[inline(never)]
-fn trip(now: isize) {
-    // Only the first crossing wins; later ones (other threads, or usage that
-    // stays high) find the latch set and do nothing. The Release half of
-    // AcqRel publishes this thread's prior writes to `tripped_at` readers.
-    // A lost exchange does nothing, so its failure ordering is Relaxed.
-    if TRIPPED_AT.compare_exchange(0, now, AcqRel, Relaxed).is_ok() {
-        wake();
+/// Model checks: every interleaving loom can find of folds racing on the
+/// latch and the pressure flag. Run with
+/// `RUSTFLAGS="--cfg loom" cargo test --release --lib loom`.
+#[cfg(all(test, loom))]
+mod loom_tests {
+    use super::Latch;
+    use loom::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+    use loom::sync::Arc;
+    use loom::thread;
+
+    #[test]
+    fn two_crossings_trip_once() {
+        loom::model(|| {
+            let latch = Arc::new(Latch::new());
+            latch.arm(100);
+            let folds: Vec<_> = [150, 200]
+                .into_iter()
+                .map(|now| {
+                    let latch = latch.clone();
+                    thread::spawn(move || latch.observe(now))
+                })
+                .collect();
+            let wakes = folds
+                .into_iter()
+                .map(|h| h.join().unwrap())
+                .filter(|&w| w)
+                .count();
+            assert_eq!(wakes, 1, "exactly one fold wakes the watchdog");
+            let at = latch.tripped_at().expect("tripped");
+            assert!(at == 150 || at == 200);
+            // Usage that stays high trips nothing more.
+            assert!(!latch.observe(300));
+            assert_eq!(latch.tripped_at(), Some(at));
+        });
     }
-}
 
-fn wake() {
-    if let Some(thread) = WATCHDOG.get() {
-        thread.unpark();
+    #[test]
+    fn the_watchdog_sees_what_the_tripping_thread_wrote() {
+        loom::model(|| {
+            let latch = Arc::new(Latch::new());
+            latch.arm(100);
+            let data = Arc::new(AtomicUsize::new(0));
+            let fold = {
+                let latch = latch.clone();
+                let data = data.clone();
+                thread::spawn(move || {
+                    data.store(42, Relaxed);
+                    latch.observe(150);
+                })
+            };
+            // The watchdog: wait for the latch, then read.
+            loop {
+                if latch.tripped_at().is_some() {
+                    assert_eq!(data.load(Relaxed), 42, "Release/Acquire pair");
+                    break;
+                }
+                thread::yield_now();
+            }
+            fold.join().unwrap();
+        });
     }
-}
 
-/// Arms the latch at `threshold` bytes, or trips it at once if `current`
-/// already exceeds it. Called by the watchdog thread once, at start.
-pub(crate) fn arm(threshold: isize, watchdog: Thread) {
-    debug_assert!(threshold > 0);
-    // `set` fails only if a watchdog was armed before, which the watchdog's
-    // single-start guard rules out.
-    let _ = WATCHDOG.set(watchdog);
-    THRESHOLD.store(threshold, SeqCst);
-}
-
-/// Sets the soft level: enter above `enter`, leave below `leave`.
-/// Called once at start, before `arm`'s threshold store (SeqCst), so a fold
-/// that sees the threshold sees these too.
-pub(crate) fn arm_shed(enter: isize, leave: isize) {
-    debug_assert!(leave <= enter);
-    SHED_LEAVE.store(leave, SeqCst);
-    SHED_ENTER.store(enter, SeqCst);
-}
-
-/// Whether usage is above the soft level. Acquire pairs with the exchange
-/// in `shift`.
-pub(crate) fn pressure() -> bool {
-    PRESSURE.load(Acquire)
-}
-
-/// The soft level's enter and leave figures, if set.
-pub(crate) fn shed_levels() -> Option<(isize, isize)> {
-    match SHED_ENTER.load(SeqCst) {
-        isize::MAX => None,
-        enter => Some((enter, SHED_LEAVE.load(SeqCst))),
+    #[test]
+    fn each_wake_is_one_change_of_the_pressure_flag() {
+        loom::model(|| {
+            let latch = Arc::new(Latch::new());
+            latch.arm_shed(100, 90);
+            latch.arm(1_000);
+            let folds: Vec<_> = [150, 50]
+                .into_iter()
+                .map(|now| {
+                    let latch = latch.clone();
+                    thread::spawn(move || latch.observe(now))
+                })
+                .collect();
+            let wakes = folds
+                .into_iter()
+                .map(|h| h.join().unwrap())
+                .filter(|&w| w)
+                .count();
+            // Starting from "no pressure", each successful change flips the
+            // flag once, so the final state is the parity of the wakes.
+            assert_eq!(latch.pressure(), wakes % 2 == 1, "wakes {wakes}");
+            assert!(latch.tripped_at().is_none());
+        });
     }
-}
-
-/// Enters or leaves pressure from outside a fold (the watchdog's check at
-/// start).
-pub(crate) fn shift_now(to: bool) {
-    shift(to);
-}
-
-/// Trips the latch from outside a fold (the watchdog's check at start).
-pub(crate) fn trip_now(now: isize) {
-    trip(now.max(1));
-}
-
-/// The folded total that tripped the latch, if it has tripped.
-pub(crate) fn tripped_at() -> Option<isize> {
-    match TRIPPED_AT.load(Acquire) {
-        0 => None,
-        n => Some(n),
-    }
-}
-
-/// The armed threshold, if any.
-pub(crate) fn threshold() -> Option<isize> {
-    match THRESHOLD.load(SeqCst) {
-        isize::MAX => None,
-        n => Some(n),
-    }
-}
-
-/// The highest folded total seen so far. Relaxed: a statistic.
-pub(crate) fn peak() -> isize {
-    PEAK.load(Relaxed)
 }

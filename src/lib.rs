@@ -97,34 +97,49 @@
 #![deny(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(clippy::undocumented_unsafe_blocks)]
+// Under `--cfg loom` only the latch is built, for its model checks.
+#![cfg_attr(loom, allow(dead_code, unused_imports))]
 
-mod alloc;
-mod config;
-mod counter;
 mod latch;
+
+#[cfg(not(loom))]
+mod alloc;
+#[cfg(not(loom))]
+mod config;
+#[cfg(not(loom))]
+mod counter;
+#[cfg(not(loom))]
 mod limits;
+#[cfg(not(loom))]
 mod stats;
+#[cfg(not(loom))]
 mod watchdog;
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests;
 
+#[cfg(not(loom))]
 pub use crate::alloc::{DefaultInner, MemWatch};
+#[cfg(not(loom))]
 pub use crate::config::{
     parse_grace, parse_ratio, parse_threshold_mb, ConfigError, Problem, BYTES_PER_MIB,
     DEFAULT_EXIT_CODE, DEFAULT_GRACE, DEFAULT_SHED_HYSTERESIS_PERCENT, GRACE_ENV, SHED_ENV,
     SHED_RATIO_ENV, THRESHOLD_ENV, THRESHOLD_RATIO_ENV,
 };
+#[cfg(not(loom))]
 pub use crate::counter::{DEFAULT_SLACK, SLOTS};
+#[cfg(not(loom))]
 pub use crate::limits::{memory_limit, memory_limit_at, LimitSource, MemoryLimit};
+#[cfg(not(loom))]
 pub use crate::stats::{
     jemalloc_stats, live_bytes, peak_bytes, pressure, snapshot, threshold_bytes, tripped,
     wraps_jemalloc, JemallocStats, Snapshot,
 };
+#[cfg(not(loom))]
 pub use crate::watchdog::{
     wait_tripped, wait_tripped_timeout, PressureEvent, Watchdog, WatchdogHandle,
 };
 
 /// jemalloc, the default inner allocator (re-exported from `tikv-jemallocator`).
-#[cfg(feature = "jemalloc")]
+#[cfg(all(feature = "jemalloc", not(loom)))]
 pub use tikv_jemallocator::Jemalloc;
