@@ -243,6 +243,16 @@ impl Watchdog {
                         config::THRESHOLD_RATIO_ENV
                     ),
                 );
+                if matches!(self.shed, Ok(Some(_))) {
+                    emit(
+                        Level::Warn,
+                        format_args!(
+                            "a shed level ({} or {}) needs a shutdown threshold; it is off",
+                            config::SHED_ENV,
+                            config::SHED_RATIO_ENV
+                        ),
+                    );
+                }
                 return off;
             }
             Ok(Some(bytes)) => bytes as isize,

@@ -303,6 +303,20 @@ fn bad_shed_values_turn_off_only_the_shed_level() {
 }
 
 #[test]
+fn a_shed_level_without_a_shutdown_threshold_warns_once() {
+    let r = run("runs_to_end", &[(SHED, "128")], LIMIT);
+    assert_eq!(r.code(), Some(0), "{r:#?}");
+    assert_eq!(r.fact("armed"), Some("false"), "{r:#?}");
+    let warnings = r.stderr_lines("WARN");
+    assert_eq!(warnings.len(), 1, "{r:#?}");
+    assert!(
+        warnings[0].contains("needs a shutdown threshold"),
+        "{}",
+        warnings[0]
+    );
+}
+
+#[test]
 fn bad_ratio_values_warn_once_and_stay_off() {
     for value in ["1.5", "0", "-0.5", "abc", "70%", "1e-1"] {
         let r = run("runs_to_end", &[(RATIO, value)], LIMIT);
