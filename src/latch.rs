@@ -265,23 +265,29 @@ mod loom_tests {
     use loom::sync::Arc;
     use loom::thread;
 
+    /// Folds each of `totals` on its own thread; returns how many of the
+    /// folds asked for the watchdog to be woken.
+    fn fold_concurrently(latch: &Arc<Latch>, totals: &[isize]) -> usize {
+        let folds: Vec<_> = totals
+            .iter()
+            .map(|&now| {
+                let latch = latch.clone();
+                thread::spawn(move || latch.observe(now))
+            })
+            .collect();
+        folds
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .filter(|&w| w)
+            .count()
+    }
+
     #[test]
     fn two_crossings_trip_once() {
         loom::model(|| {
             let latch = Arc::new(Latch::new());
             latch.arm(100);
-            let folds: Vec<_> = [150, 200]
-                .into_iter()
-                .map(|now| {
-                    let latch = latch.clone();
-                    thread::spawn(move || latch.observe(now))
-                })
-                .collect();
-            let wakes = folds
-                .into_iter()
-                .map(|h| h.join().unwrap())
-                .filter(|&w| w)
-                .count();
+            let wakes = fold_concurrently(&latch, &[150, 200]);
             assert_eq!(wakes, 1, "exactly one fold wakes the watchdog");
             let at = latch.tripped_at().expect("tripped");
             assert!(at == 150 || at == 200);
@@ -323,18 +329,7 @@ mod loom_tests {
             let latch = Arc::new(Latch::new());
             latch.arm_shed(100, 90);
             latch.arm(1_000);
-            let folds: Vec<_> = [150, 50]
-                .into_iter()
-                .map(|now| {
-                    let latch = latch.clone();
-                    thread::spawn(move || latch.observe(now))
-                })
-                .collect();
-            let wakes = folds
-                .into_iter()
-                .map(|h| h.join().unwrap())
-                .filter(|&w| w)
-                .count();
+            let wakes = fold_concurrently(&latch, &[150, 50]);
             // Starting from "no pressure", each successful change flips the
             // flag once, so the final state is the parity of the wakes.
             assert_eq!(latch.pressure(), wakes % 2 == 1, "wakes {wakes}");
