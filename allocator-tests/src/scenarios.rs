@@ -9,6 +9,14 @@ use std::time::Duration;
 
 use crate::{grow_until_tripped, init_logging, memwatch_threads, touched, trace, wait_for_exit};
 
+/// Grows the heap 1 MiB at a time until the latch trips, then leaves the
+/// exit to the watchdog. Prints a line only if nothing tripped.
+fn grow_then_exit(watchdog: &memwatch::WatchdogHandle) {
+    let _held = grow_until_tripped(1024, Duration::from_millis(1));
+    watchdog.exit_if_tripped();
+    println!("finished without a trip");
+}
+
 /// Grows the heap past the threshold from the environment; two hooks leave a
 /// trace in order. Exits 2 through the watchdog; exit 0 means it never fired.
 pub fn crosses_threshold() {
@@ -115,9 +123,7 @@ pub fn hooks_allocate() {
         })
         .on_shutdown("after", || trace("after"))
         .start();
-    let _held = grow_until_tripped(1024, Duration::from_millis(1));
-    watchdog.exit_if_tripped();
-    println!("finished without a trip");
+    grow_then_exit(&watchdog);
 }
 
 /// The first hook never returns; the grace deadline ends the process.
@@ -131,9 +137,7 @@ pub fn hook_hangs() {
         })
         .on_shutdown("never reached", || trace("never reached"))
         .start();
-    let _held = grow_until_tripped(1024, Duration::from_millis(1));
-    watchdog.exit_if_tripped();
-    println!("finished without a trip");
+    grow_then_exit(&watchdog);
 }
 
 /// The first hook panics; the second still runs.
@@ -143,9 +147,7 @@ pub fn hook_panics() {
         .on_shutdown("boom", || panic!("hook failure for the test"))
         .on_shutdown("after the panic", || trace("after the panic"))
         .start();
-    let _held = grow_until_tripped(1024, Duration::from_millis(1));
-    watchdog.exit_if_tripped();
-    println!("finished without a trip");
+    grow_then_exit(&watchdog);
 }
 
 /// The hook asks `main` to stop and waits for it; `main` flushes, and returns

@@ -82,19 +82,7 @@ fn bad_threshold_values_warn_once_and_stay_off() {
         &past_isize,
     ] {
         let r = assert_runs_to_end("runs_to_end", Some(value));
-        let warnings = r.stderr_lines("WARN");
-        assert_eq!(
-            warnings.len(),
-            1,
-            "exactly one warning for {value:?}: {r:#?}"
-        );
-        assert!(warnings[0].contains(THRESHOLD), "{}", warnings[0]);
-        assert!(
-            warnings[0].contains(&format!("{value:?}")),
-            "{}",
-            warnings[0]
-        );
-        assert!(warnings[0].contains("off"), "{}", warnings[0]);
+        r.one_warning(&[THRESHOLD, &format!("{value:?}"), "off"]);
     }
 }
 
@@ -105,18 +93,7 @@ fn bad_grace_values_warn_once_and_stay_off() {
         let r = run("runs_to_end", &env, LIMIT);
         assert_eq!(r.code(), Some(0), "{r:#?}");
         assert_eq!(r.fact("memwatch threads"), Some("[]"), "{r:#?}");
-        let warnings = r.stderr_lines("WARN");
-        assert_eq!(
-            warnings.len(),
-            1,
-            "exactly one warning for {value:?}: {r:#?}"
-        );
-        assert!(warnings[0].contains(GRACE), "{}", warnings[0]);
-        assert!(
-            warnings[0].contains(&format!("{value:?}")),
-            "{}",
-            warnings[0]
-        );
+        r.one_warning(&[GRACE, &format!("{value:?}"), "off"]);
     }
 }
 
@@ -290,10 +267,7 @@ fn bad_shed_values_turn_off_only_the_shed_level() {
         // runs_to_end holds 512 MiB at its peak: far below 4096.
         let r = run("runs_to_end", &env, LIMIT);
         assert_eq!(r.code(), Some(0), "{r:#?}");
-        let warnings = r.stderr_lines("WARN");
-        assert_eq!(warnings.len(), 1, "{env:?}: {r:#?}");
-        assert!(warnings[0].contains(needle), "{}", warnings[0]);
-        assert!(warnings[0].contains("shed level is off"), "{}", warnings[0]);
+        r.one_warning(&[needle, "shed level is off"]);
         assert_eq!(
             r.fact("armed"),
             Some("true"),
@@ -307,13 +281,7 @@ fn a_shed_level_without_a_shutdown_threshold_warns_once() {
     let r = run("runs_to_end", &[(SHED, "128")], LIMIT);
     assert_eq!(r.code(), Some(0), "{r:#?}");
     assert_eq!(r.fact("armed"), Some("false"), "{r:#?}");
-    let warnings = r.stderr_lines("WARN");
-    assert_eq!(warnings.len(), 1, "{r:#?}");
-    assert!(
-        warnings[0].contains("needs a shutdown threshold"),
-        "{}",
-        warnings[0]
-    );
+    r.one_warning(&[SHED, "needs a shutdown threshold"]);
 }
 
 #[test]
@@ -322,9 +290,7 @@ fn bad_ratio_values_warn_once_and_stay_off() {
         let r = run("runs_to_end", &[(RATIO, value)], LIMIT);
         assert_eq!(r.code(), Some(0), "{r:#?}");
         assert_eq!(r.fact("armed"), Some("false"), "{r:#?}");
-        let warnings = r.stderr_lines("WARN");
-        assert_eq!(warnings.len(), 1, "{value:?}: {r:#?}");
-        assert!(warnings[0].contains(RATIO) && warnings[0].contains(&format!("{value:?}")));
+        r.one_warning(&[RATIO, &format!("{value:?}"), "off"]);
     }
 }
 
@@ -336,9 +302,7 @@ fn the_mib_form_wins_over_the_ratio_with_a_warning() {
         LIMIT,
     );
     assert_eq!(r.code(), Some(2), "{r:#?}");
-    let warnings = r.stderr_lines("WARN");
-    assert_eq!(warnings.len(), 1, "{r:#?}");
-    assert!(warnings[0].contains("wins"), "{}", warnings[0]);
+    r.one_warning(&[THRESHOLD, RATIO, "wins"]);
     assert_eq!(
         r.stderr_lines("threshold 64 MiB (67108864 bytes)").len(),
         1,

@@ -31,6 +31,21 @@ impl Run {
         self.stderr.lines().filter(|l| l.contains(needle)).collect()
     }
 
+    /// The one warning line on stderr, which must contain every needle
+    /// (the variable, the value, what follows).
+    pub fn one_warning(&self, needles: &[&str]) -> &str {
+        let warnings = self.stderr_lines("WARN");
+        assert_eq!(warnings.len(), 1, "exactly one warning: {self:#?}");
+        for needle in needles {
+            assert!(
+                warnings[0].contains(needle),
+                "{needle:?} missing: {}",
+                warnings[0]
+            );
+        }
+        warnings[0]
+    }
+
     /// The value of the first `key: value` line on stdout.
     pub fn fact(&self, key: &str) -> Option<&str> {
         let prefix = format!("{key}: ");
