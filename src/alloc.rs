@@ -2,7 +2,7 @@
 
 use std::alloc::{GlobalAlloc, Layout};
 
-use crate::counter::{self, DEFAULT_SLACK};
+use crate::counter::{self, DEFAULT_SLACK, MAX_SLACK};
 use crate::stats;
 
 /// The inner allocator used when none is named: jemalloc with the `jemalloc`
@@ -43,15 +43,16 @@ impl<A> MemWatch<A> {
 
     /// Sets the per-thread slack in bytes: how far a thread's uncounted delta
     /// may grow before it is folded into the shared total that the threshold
-    /// check reads. The check can be late (or early) by less than `slack`
+    /// check reads. The check can be late (or early) by at most `slack`
     /// per thread. `0` folds every call: exact, and as slow as one shared
     /// atomic.
     ///
     /// # Panics
     ///
-    /// If `slack` exceeds `isize::MAX` (in a `static`, a compile error).
+    /// If `slack` exceeds [`MAX_SLACK`] (2^61 bytes; in a `static`, a
+    /// compile error).
     pub const fn with_slack(mut self, slack: usize) -> Self {
-        assert!(slack <= isize::MAX as usize, "slack exceeds isize::MAX");
+        assert!(slack <= MAX_SLACK, "slack exceeds MAX_SLACK");
         self.slack = slack;
         self
     }

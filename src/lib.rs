@@ -127,7 +127,7 @@ pub use crate::config::{
     SHED_RATIO_ENV, THRESHOLD_ENV, THRESHOLD_RATIO_ENV,
 };
 #[cfg(not(loom))]
-pub use crate::counter::{DEFAULT_SLACK, SLOTS};
+pub use crate::counter::{DEFAULT_SLACK, MAX_SLACK, SLOTS};
 #[cfg(not(loom))]
 pub use crate::limits::{memory_limit, memory_limit_at, LimitSource, MemoryLimit};
 #[cfg(not(loom))]

@@ -118,6 +118,43 @@ fn large_allocation_goes_straight_to_the_folded_total() {
 }
 
 #[test]
+fn one_thread_using_instances_with_different_slacks_stays_exact() {
+    static EXACT: MemWatch<System> = MemWatch::new(System).with_slack(0);
+    static WIDE: MemWatch<System> = MemWatch::new(System).with_slack(1 << 20);
+    let _g = LOCK.lock();
+    // A fresh thread, so that the slot it claims is biased by whichever
+    // instance it touches first.
+    thread::spawn(|| {
+        let start = counter::live_bytes();
+        let mut held: Vec<(Block, &MemWatch<System>)> = Vec::new();
+        let mut expect = 0isize;
+        for i in 0..3000usize {
+            let size = 1 + (i * 7919) % 70_000;
+            let a: &MemWatch<System> = [&SMALL, &EXACT, &WIDE][i % 3];
+            if i % 4 == 3 {
+                if let Some((b, from)) = held.pop() {
+                    expect -= b.1.size() as isize;
+                    free(from, b);
+                }
+            } else {
+                held.push((alloc(a, size), a));
+                expect += size as isize;
+            }
+            assert_eq!(counter::live_bytes() - start, expect, "step {i}");
+            // The shared total lags the truth by at most the widest slack.
+            let lag = (counter::live_bytes() - counter::folded_bytes()).abs();
+            assert!(lag <= 1 << 20, "step {i}: folded total off by {lag}");
+        }
+        for (b, from) in held {
+            free(from, b);
+        }
+        assert_eq!(counter::live_bytes(), start);
+    })
+    .join()
+    .unwrap();
+}
+
+#[test]
 fn null_from_the_inner_allocator_counts_nothing() {
     struct Refuse;
     // SAFETY: never hands out memory, so there is nothing to misuse.
