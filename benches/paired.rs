@@ -1,0 +1,163 @@
+//! Ratios to bare jemalloc measured pairwise: each round times one chunk of
+//! bare jemalloc and one chunk of the other allocator back to back (the
+//! order alternates), and the ratio of the two is that round's figure. The
+//! median over rounds is the reported ratio.
+//!
+//! Why beside criterion: criterion measures each allocator in its own window
+//! of a second or so, and on a shared virtual machine the speed of the host
+//! drifts between windows by more than the few percent a wrapper costs. Two
+//! chunks a millisecond apart see the same machine. Writes
+//! `target/criterion/memwatch-paired.json`; `--test` runs a few rounds only.
+
+use std::alloc::{GlobalAlloc, Layout};
+use std::hint::black_box;
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::{Duration, Instant};
+
+#[macro_use]
+mod common;
+
+/// `n` alloc+free pairs of `SIZE` bytes.
+fn pairs<const SIZE: usize, A: GlobalAlloc>(a: &A, n: u64) {
+    let layout = Layout::from_size_align(SIZE, 8).unwrap();
+    for _ in 0..n {
+        // SAFETY: non-zero size; freed with the same layout and allocator.
+        unsafe {
+            let p = a.alloc(layout);
+            black_box(p);
+            a.dealloc(p, layout);
+        }
+    }
+}
+
+/// Runs `rounds` rounds on `threads` threads. Each round is two chunks of
+/// `n` pairs per thread, `base` and `other`, started together on every
+/// thread by a barrier; a chunk's time is the slowest thread's. Returns the
+/// per-round ratios other/base.
+fn rounds<const SIZE: usize, B, O>(
+    base: &'static B,
+    other: &'static O,
+    threads: usize,
+    n: u64,
+    rounds: usize,
+) -> Vec<f64>
+where
+    B: GlobalAlloc + Sync,
+    O: GlobalAlloc + Sync,
+{
+    let barrier = Arc::new(Barrier::new(threads));
+    let workers: Vec<_> = (0..threads)
+        .map(|_| {
+            let barrier = barrier.clone();
+            thread::spawn(move || {
+                // Warm both: tcache, memwatch slot.
+                pairs::<SIZE, _>(base, n);
+                pairs::<SIZE, _>(other, n);
+                let mut times = Vec::with_capacity(rounds);
+                for r in 0..rounds {
+                    let time = |run: &dyn Fn()| {
+                        barrier.wait();
+                        let start = Instant::now();
+                        run();
+                        start.elapsed()
+                    };
+                    let b = || pairs::<SIZE, _>(base, n);
+                    let o = || pairs::<SIZE, _>(other, n);
+                    let (tb, to) = if r % 2 == 0 {
+                        let tb = time(&b);
+                        (tb, time(&o))
+                    } else {
+                        let to = time(&o);
+                        (time(&b), to)
+                    };
+                    times.push((tb, to));
+                }
+                times
+            })
+        })
+        .collect();
+    let per_thread: Vec<Vec<(Duration, Duration)>> =
+        workers.into_iter().map(|w| w.join().unwrap()).collect();
+    (0..rounds)
+        .map(|r| {
+            let tb = per_thread.iter().map(|t| t[r].0).max().unwrap();
+            let to = per_thread.iter().map(|t| t[r].1).max().unwrap();
+            to.as_secs_f64() / tb.as_secs_f64()
+        })
+        .collect()
+}
+
+/// Pairs per chunk so that one chunk of bare jemalloc takes about 1 ms.
+fn chunk<const SIZE: usize>() -> u64 {
+    let probe = 10_000;
+    let start = Instant::now();
+    pairs::<SIZE, _>(&common::JEMALLOC, probe);
+    let per_pair = start.elapsed().as_secs_f64() / probe as f64;
+    ((1e-3 / per_pair) as u64).clamp(1_000, 1_000_000)
+}
+
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+fn workload<const SIZE: usize>(threads: usize, n_rounds: usize, rows: &mut Vec<String>) {
+    let n = chunk::<SIZE>();
+    let name = format!("pair/{SIZE}/{threads}t");
+    let mut cells = Vec::new();
+    let mut one = |who: &str, mut ratios: Vec<f64>| {
+        ratios.sort_by(f64::total_cmp);
+        let (p10, med, p90) = (
+            quantile(&ratios, 0.1),
+            quantile(&ratios, 0.5),
+            quantile(&ratios, 0.9),
+        );
+        println!("{name:>16} {who:>18}: {med:.3}x (p10 {p10:.3}, p90 {p90:.3})");
+        cells.push(format!(
+            "\"{who}\": {{\"median\": {med:.4}, \"p10\": {p10:.4}, \"p90\": {p90:.4}}}"
+        ));
+    };
+    fn run<const SIZE: usize, O: GlobalAlloc + Sync>(
+        one: &mut dyn FnMut(&str, Vec<f64>),
+        threads: usize,
+        n: u64,
+        n_rounds: usize,
+        who: &str,
+        other: &'static O,
+    ) {
+        if who != "jemalloc" {
+            one(
+                who,
+                rounds::<SIZE, _, _>(&common::JEMALLOC, other, threads, n, n_rounds),
+            );
+        }
+    }
+    for_each_allocator!(run::<SIZE, _>, (&mut one, threads, n, n_rounds));
+    rows.push(format!("\"{name}\": {{{}}}", cells.join(", ")));
+}
+
+fn main() {
+    let test = std::env::args().any(|a| a == "--test");
+    // `cargo bench` passes `--bench`; any other argument is a filter for
+    // criterion benches and means nothing here.
+    let n_rounds = if test { 3 } else { 301 };
+    let mut rows = Vec::new();
+    for threads in [1, 2] {
+        workload::<16>(threads, n_rounds, &mut rows);
+        workload::<64>(threads, n_rounds, &mut rows);
+        workload::<256>(threads, n_rounds, &mut rows);
+        workload::<4096>(threads, n_rounds, &mut rows);
+        workload::<65536>(threads, n_rounds, &mut rows);
+    }
+    if test {
+        println!("paired: test mode, nothing written");
+        return;
+    }
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/criterion");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("memwatch-paired.json"),
+        format!("{{{}}}", rows.join(", ")),
+    )
+    .unwrap();
+}
