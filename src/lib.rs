@@ -20,7 +20,7 @@
 //! - [`MemWatch`] wraps an inner allocator (jemalloc by default,
 //!   [`std::alloc::System`] or any other [`GlobalAlloc`](std::alloc::GlobalAlloc)).
 //!   Every alloc, realloc and free adds its requested size to the calling
-//!   thread's pending delta; a delta that reaches the slack (4 MiB by default)
+//!   thread's pending delta; a delta that exceeds the slack (4 MiB by default)
 //!   is folded into one shared total. There is no polling.
 //! - The fold that first takes the shared total above the threshold flips a
 //!   one-shot latch and wakes the watchdog thread, without allocating.
@@ -70,7 +70,7 @@
 //!
 //! [`live_bytes`] is exact once threads are quiescent, however many threads
 //! came and went. The threshold check sees the folded total, which is off by
-//! less than the slack for each thread that is allocating: with the default
+//! at most the slack for each thread that is allocating: with the default
 //! 4 MiB slack and 16 busy threads, the trip can come up to 64 MiB early or
 //! late. [`MemWatch::with_slack`] trades speed for a tighter bound. Counted are
 //! the sizes Rust code asks for; jemalloc's size-class rounding, its metadata,
@@ -87,8 +87,8 @@
 //!
 //! Implementing [`GlobalAlloc`](std::alloc::GlobalAlloc) is unsafe by
 //! definition; the wrapper forwards every call unchanged. The per-thread
-//! counter dereferences a pointer into a static table. Each block says why it
-//! is sound.
+//! counter needs no `unsafe`: each thread holds a `&'static` reference into
+//! a static table of atomics. Each `unsafe` block says why it is sound.
 //!
 //! # MSRV
 //!
