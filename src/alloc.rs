@@ -102,7 +102,7 @@ unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for MemWatch<A> {
         // SAFETY: the caller guarantees `ptr` came from this allocator (hence
         // from `inner`, since every method forwards) with `layout`.
         unsafe { self.inner.dealloc(ptr, layout) };
-        counter::record(-(layout.size() as isize), self.slack, note_inner::<A>);
+        counter::record_free(layout.size(), self.slack, note_inner::<A>);
     }
 
     #[inline]

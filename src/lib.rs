@@ -86,9 +86,11 @@
 //! # Why `unsafe`
 //!
 //! Implementing [`GlobalAlloc`](std::alloc::GlobalAlloc) is unsafe by
-//! definition; the wrapper forwards every call unchanged. The per-thread
-//! counter needs no `unsafe`: each thread holds a `&'static` reference into
-//! a static table of atomics. Each `unsafe` block says why it is sound.
+//! definition; the wrapper forwards every call unchanged. Each thread's count
+//! lives in its own thread-local block, and readers reach it through a table
+//! whose exit protocol keeps every listed pointer valid while it is read
+//! (`src/registry.rs`, model-checked with `loom`). Each `unsafe` block says
+//! why it is sound.
 //!
 //! # MSRV
 //!
@@ -97,10 +99,12 @@
 #![deny(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(clippy::undocumented_unsafe_blocks)]
-// Under `--cfg loom` only the latch is built, for its model checks.
+// Under `--cfg loom` only the latch and the registry are built, for their
+// model checks.
 #![cfg_attr(loom, allow(dead_code, unused_imports))]
 
 mod latch;
+mod registry;
 
 #[cfg(not(loom))]
 mod alloc;

@@ -26,13 +26,15 @@ pub struct Snapshot {
 /// allocated and not yet freed, by every thread.
 ///
 /// Exact once threads are quiescent (no allocation in flight). Costs a few
-/// hundred relaxed loads and no lock: fine for a metrics endpoint.
+/// hundred loads, one fence and no lock: fine for a metrics endpoint. A
+/// thread that is exiting waits for readings in progress to finish before
+/// its memory goes away (a few hundred nanoseconds at most).
 pub fn live_bytes() -> usize {
     clamp(counter::live_bytes())
 }
 
 /// The highest live-bytes figure seen at a fold. Folds happen when a thread's
-/// pending delta reaches the slack, so this can read low by up to the slack
+/// pending delta passes the slack, so this can read low by up to the slack
 /// times the number of threads.
 pub fn peak_bytes() -> usize {
     clamp(latch::peak())

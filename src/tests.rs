@@ -155,6 +155,48 @@ fn one_thread_using_instances_with_different_slacks_stays_exact() {
 }
 
 #[test]
+fn readings_taken_while_threads_exit_stay_bounded_and_end_exact() {
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+
+    let _g = LOCK.lock();
+    let before = counter::live_bytes();
+    let stop = AtomicBool::new(false);
+    thread::scope(|s| {
+        // Sums other threads' counts through the table while they list
+        // themselves, count, and take themselves off on exit.
+        let reader = s.spawn(|| {
+            let mut reads = 0u64;
+            while !stop.load(SeqCst) {
+                let off = counter::live_bytes() - before;
+                // 4 threads, each holding under 64 KiB and a pending delta
+                // of at most SMALL's 64 KiB slack.
+                assert!(off.abs() <= 1 << 20, "reading off by {off}");
+                reads += 1;
+            }
+            reads
+        });
+        for _ in 0..300 {
+            let workers: Vec<_> = (0..4)
+                .map(|t| {
+                    s.spawn(move || {
+                        let blocks: Vec<_> = (0..20).map(|i| alloc(&SMALL, 100 + i * t)).collect();
+                        for b in blocks {
+                            free(&SMALL, b);
+                        }
+                    })
+                })
+                .collect();
+            for w in workers {
+                w.join().unwrap();
+            }
+        }
+        stop.store(true, SeqCst);
+        assert!(reader.join().unwrap() > 0);
+    });
+    assert_eq!(counter::live_bytes(), before);
+}
+
+#[test]
 fn null_from_the_inner_allocator_counts_nothing() {
     struct Refuse;
     // SAFETY: never hands out memory, so there is nothing to misuse.
