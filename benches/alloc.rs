@@ -73,15 +73,7 @@ struct Pair<const SIZE: usize>;
 
 impl<const SIZE: usize> Work for Pair<SIZE> {
     fn run<A: GlobalAlloc>(a: &A, iters: u64) {
-        let layout = Layout::from_size_align(SIZE, 8).unwrap();
-        for _ in 0..iters {
-            // SAFETY: non-zero size; freed with the same layout and allocator.
-            unsafe {
-                let p = a.alloc(layout);
-                black_box(p);
-                a.dealloc(p, layout);
-            }
-        }
+        common::pairs::<SIZE, _>(a, iters);
     }
 }
 

@@ -7,28 +7,16 @@
 //! pair, start-up excluded. Writes `target/criterion/memwatch-instructions.json`.
 //! With `--test`, or without valgrind, it runs each child once natively.
 
-use std::alloc::{GlobalAlloc, Layout};
+use std::alloc::GlobalAlloc;
 use std::process::Command;
 
 #[macro_use]
 mod common;
 
-fn pairs<A: GlobalAlloc>(a: &A, n: u64) {
-    let layout = Layout::from_size_align(16, 8).unwrap();
-    for _ in 0..n {
-        // SAFETY: non-zero size; freed with the same layout and allocator.
-        unsafe {
-            let p = a.alloc(layout);
-            std::hint::black_box(p);
-            a.dealloc(p, layout);
-        }
-    }
-}
-
 fn child(which: &str, n: u64) {
     fn maybe<A: GlobalAlloc>(which: &str, n: u64, name: &str, a: &A) {
         if which == name {
-            pairs(a, n);
+            common::pairs::<16, _>(a, n);
         }
     }
     for_each_allocator!(maybe, (which, n));
@@ -84,11 +72,5 @@ fn main() {
         println!("{name:>20}: {per_pair:.1} instructions per 16 B pair");
         rows.push(format!("\"{name}\": {per_pair:.1}"));
     }
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/criterion");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("memwatch-instructions.json"),
-        format!("{{{}}}", rows.join(", ")),
-    )
-    .unwrap();
+    common::write_rows("memwatch-instructions.json", &rows);
 }

@@ -9,8 +9,7 @@
 //! chunks a millisecond apart see the same machine. Writes
 //! `target/criterion/memwatch-paired.json`; `--test` runs a few rounds only.
 
-use std::alloc::{GlobalAlloc, Layout};
-use std::hint::black_box;
+use std::alloc::GlobalAlloc;
 use std::sync::atomic::{AtomicUsize, Ordering::AcqRel, Ordering::Acquire, Ordering::Release};
 use std::sync::Arc;
 use std::thread;
@@ -18,19 +17,6 @@ use std::time::{Duration, Instant};
 
 #[macro_use]
 mod common;
-
-/// `n` alloc+free pairs of `SIZE` bytes.
-fn pairs<const SIZE: usize, A: GlobalAlloc>(a: &A, n: u64) {
-    let layout = Layout::from_size_align(SIZE, 8).unwrap();
-    for _ in 0..n {
-        // SAFETY: non-zero size; freed with the same layout and allocator.
-        unsafe {
-            let p = a.alloc(layout);
-            black_box(p);
-            a.dealloc(p, layout);
-        }
-    }
-}
 
 /// Starts the threads' chunks together without a system call: std's
 /// `Barrier` wakes waiters through the kernel, and entering the kernel right
@@ -86,8 +72,8 @@ where
             let barrier = barrier.clone();
             thread::spawn(move || {
                 // Warm both: tcache, memwatch slot.
-                pairs::<SIZE, _>(base, n);
-                pairs::<SIZE, _>(other, n);
+                common::pairs::<SIZE, _>(base, n);
+                common::pairs::<SIZE, _>(other, n);
                 let mut times = Vec::with_capacity(rounds);
                 for r in 0..rounds {
                     let time = |run: &dyn Fn()| {
@@ -96,8 +82,8 @@ where
                         run();
                         start.elapsed()
                     };
-                    let b = || pairs::<SIZE, _>(base, n);
-                    let o = || pairs::<SIZE, _>(other, n);
+                    let b = || common::pairs::<SIZE, _>(base, n);
+                    let o = || common::pairs::<SIZE, _>(other, n);
                     let (tb, to) = if r % 2 == 0 {
                         let tb = time(&b);
                         (tb, time(&o))
@@ -126,7 +112,7 @@ where
 fn chunk<const SIZE: usize>() -> u64 {
     let probe = 10_000;
     let start = Instant::now();
-    pairs::<SIZE, _>(&common::JEMALLOC, probe);
+    common::pairs::<SIZE, _>(&common::JEMALLOC, probe);
     let per_pair = start.elapsed().as_secs_f64() / probe as f64;
     ((2.5e-4 / per_pair) as u64).clamp(1_000, 1_000_000)
 }
@@ -187,11 +173,5 @@ fn main() {
         println!("paired: test mode, nothing written");
         return;
     }
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/criterion");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("memwatch-paired.json"),
-        format!("{{{}}}", rows.join(", ")),
-    )
-    .unwrap();
+    common::write_rows("memwatch-paired.json", &rows);
 }

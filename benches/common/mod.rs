@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 use std::alloc::{GlobalAlloc, Layout, System};
+use std::hint::black_box;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
 use memwatch::{Jemalloc, MemWatch};
@@ -71,4 +72,27 @@ macro_rules! for_each_allocator {
         $f($($arg,)* "cap-jemalloc", &CAP_JEMALLOC);
         $f($($arg,)* "atomic-jemalloc", &ATOMIC_JEMALLOC);
     }};
+}
+
+/// `n` alloc+free pairs of `SIZE` bytes: the small-block workload of every
+/// pair bench.
+#[inline]
+pub fn pairs<const SIZE: usize, A: GlobalAlloc>(a: &A, n: u64) {
+    let layout = Layout::from_size_align(SIZE, 8).unwrap();
+    for _ in 0..n {
+        // SAFETY: non-zero size; freed with the same layout and allocator.
+        unsafe {
+            let p = a.alloc(layout);
+            black_box(p);
+            a.dealloc(p, layout);
+        }
+    }
+}
+
+/// Writes `rows` as one JSON object to `target/criterion/<file>`, where
+/// `benches/report.py` looks for the figures that criterion does not keep.
+pub fn write_rows(file: &str, rows: &[String]) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/criterion");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(file), format!("{{{}}}", rows.join(", "))).unwrap();
 }
