@@ -197,6 +197,43 @@ fn readings_taken_while_threads_exit_stay_bounded_and_end_exact() {
 }
 
 #[test]
+fn threads_beyond_the_table_count_exactly_through_the_shared_total() {
+    use std::sync::Barrier;
+
+    let _g = LOCK.lock();
+    let before = counter::live_bytes();
+    let threads = counter::SLOTS + 44;
+    let all_allocated = Barrier::new(threads + 1);
+    let may_free = Barrier::new(threads + 1);
+    thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                let (all_allocated, may_free) = (&all_allocated, &may_free);
+                s.spawn(move || {
+                    let b = alloc(&SMALL, 1000 + t);
+                    all_allocated.wait();
+                    may_free.wait();
+                    free(&SMALL, b);
+                })
+            })
+            .collect();
+        all_allocated.wait();
+        // Every entry is taken; the other 44 threads count in the total.
+        assert_eq!(counter::threads_with_slots(), counter::SLOTS);
+        let held: usize = (0..threads).map(|t| 1000 + t).sum();
+        assert_eq!(counter::live_bytes() - before, held as isize);
+        may_free.wait();
+        // Joining waits for each thread's end, thread-local destructors
+        // included (leaving the scope alone does not).
+        for w in workers {
+            w.join().unwrap();
+        }
+    });
+    assert_eq!(counter::live_bytes(), before);
+    assert_eq!(counter::threads_with_slots(), 0);
+}
+
+#[test]
 fn null_from_the_inner_allocator_counts_nothing() {
     struct Refuse;
     // SAFETY: never hands out memory, so there is nothing to misuse.
