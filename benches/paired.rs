@@ -51,11 +51,33 @@ impl SpinBarrier {
     }
 }
 
+/// One timed chunk: `n` pairs of `SIZE` bytes on `a`, in a loop of its own
+/// that starts `PAD` bytes further into its function than it would
+/// otherwise. `PAD` is the placement control: bare jemalloc against a copy of
+/// itself placed elsewhere shows how much the ratio moves when only the
+/// address of the loop changes.
+#[inline(never)]
+fn placed<const SIZE: usize, const PAD: usize, A: GlobalAlloc>(a: &A, n: u64) {
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    if PAD > 0 {
+        // SAFETY: `PAD` one-byte no-ops (0x90 on x86), run once: no memory,
+        // stack or flags are touched.
+        unsafe {
+            std::arch::asm!(
+                ".skip {pad}, 0x90",
+                pad = const PAD,
+                options(nomem, nostack, preserves_flags)
+            )
+        };
+    }
+    common::pairs::<SIZE, _>(a, n);
+}
+
 /// Runs `rounds` rounds on `threads` threads. Each round is two chunks of
-/// `n` pairs per thread, `base` and `other`, started together on every
-/// thread by a barrier; a chunk's time is the slowest thread's. Returns the
-/// per-round ratios other/base.
-fn rounds<const SIZE: usize, B, O>(
+/// `n` pairs per thread, `base` and `other` (whose loop is moved by `PAD`
+/// bytes), started together on every thread by a barrier; a chunk's time is
+/// the slowest thread's. Returns the per-round ratios other/base.
+fn rounds<const SIZE: usize, const PAD: usize, B, O>(
     base: &'static B,
     other: &'static O,
     threads: usize,
@@ -71,9 +93,9 @@ where
         .map(|_| {
             let barrier = barrier.clone();
             thread::spawn(move || {
-                // Warm both: tcache, memwatch slot.
-                common::pairs::<SIZE, _>(base, n);
-                common::pairs::<SIZE, _>(other, n);
+                // Warm both: tcache, memwatch's thread entry.
+                placed::<SIZE, 0, _>(base, n);
+                placed::<SIZE, PAD, _>(other, n);
                 let mut times = Vec::with_capacity(rounds);
                 for r in 0..rounds {
                     let time = |run: &dyn Fn()| {
@@ -82,8 +104,8 @@ where
                         run();
                         start.elapsed()
                     };
-                    let b = || common::pairs::<SIZE, _>(base, n);
-                    let o = || common::pairs::<SIZE, _>(other, n);
+                    let b = || placed::<SIZE, 0, _>(base, n);
+                    let o = || placed::<SIZE, PAD, _>(other, n);
                     let (tb, to) = if r % 2 == 0 {
                         let tb = time(&b);
                         (tb, time(&o))
@@ -148,11 +170,28 @@ fn workload<const SIZE: usize>(threads: usize, n_rounds: usize, rows: &mut Vec<S
         if who != "jemalloc" {
             one(
                 who,
-                rounds::<SIZE, _, _>(&common::JEMALLOC, other, threads, n, n_rounds),
+                rounds::<SIZE, 0, _, _>(&common::JEMALLOC, other, threads, n, n_rounds),
             );
         }
     }
     for_each_allocator!(run::<SIZE, _>, (&mut one, threads, n, n_rounds));
+    // The placement control: bare jemalloc against itself, its loop moved.
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    {
+        let j = &common::JEMALLOC;
+        one(
+            "jemalloc+16B",
+            rounds::<SIZE, 16, _, _>(j, j, threads, n, n_rounds),
+        );
+        one(
+            "jemalloc+32B",
+            rounds::<SIZE, 32, _, _>(j, j, threads, n, n_rounds),
+        );
+        one(
+            "jemalloc+48B",
+            rounds::<SIZE, 48, _, _>(j, j, threads, n, n_rounds),
+        );
+    }
     rows.push(format!("\"{name}\": {{{}}}", cells.join(", ")));
 }
 

@@ -19,6 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CRIT = os.path.join(ROOT, "target", "criterion")
 DOC = os.path.join(ROOT, "docs", "benchmarks.md")
 PNG = os.path.join(ROOT, "docs", "benchmarks.png")
+MOVES = [16, 32, 48]
 ORDER = ["system", "jemalloc", "memwatch-jemalloc", "memwatch-system", "cap-jemalloc", "atomic-jemalloc"]
 KV_ORDER = ["kv-system", "kv-jemalloc", "kv-memwatch-jemalloc", "kv-memwatch-system", "kv-cap-jemalloc"]
 
@@ -98,13 +99,17 @@ def paired():
         return "(paired bench not run)"
     rows = json.load(open(path))
     cols = [a for a in ORDER if a != "jemalloc"]
-    lines = ["| workload | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    # The placement control: bare jemalloc against itself, its loop moved.
+    head = cols + ["jemalloc, loop moved %s B" % "/".join(str(m) for m in MOVES)]
+    lines = ["| workload | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     for g in sorted(rows, key=group_key):
         r = rows[g]
         cells = []
         for a in cols:
             c = r.get(a)
             cells.append("%.3fx (%.2f–%.2f)" % (c["median"], c["p10"], c["p90"]) if c else "-")
+        moved = [r.get("jemalloc+%dB" % pad) for pad in MOVES]
+        cells.append(" / ".join("%.3fx" % c["median"] if c else "-" for c in moved))
         lines.append("| %s | %s |" % (g, " | ".join(cells)))
     return "\n".join(lines)
 
