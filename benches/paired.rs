@@ -13,6 +13,8 @@ use std::alloc::GlobalAlloc;
 use std::sync::atomic::{AtomicUsize, Ordering::AcqRel, Ordering::Acquire, Ordering::Release};
 use std::sync::Arc;
 use std::thread;
+
+use memwatch::Jemalloc;
 use std::time::{Duration, Instant};
 
 #[macro_use]
@@ -73,13 +75,19 @@ fn placed<const SIZE: usize, const PAD: usize, A: GlobalAlloc>(a: &A, n: u64) {
     common::pairs::<SIZE, _>(a, n);
 }
 
-/// Runs `rounds` rounds on `threads` threads. Each round is two chunks of
-/// `n` pairs per thread, `base` and `other` (whose loop is moved by `PAD`
-/// bytes), started together on every thread by a barrier; a chunk's time is
-/// the slowest thread's. Returns the per-round ratios other/base.
-fn rounds<const SIZE: usize, const PAD: usize, B, O>(
+/// A timed chunk's loop: [`placed`] for one allocator type and placement.
+type Run<A> = fn(&A, u64);
+
+/// Runs `rounds` rounds on `threads` threads. A round times, for each pair of
+/// loops in `runs`, one chunk of `n` pairs per thread on `base` and one on
+/// `other`, back to back (the order alternates), each started together on
+/// every thread by a barrier; a chunk's time is the slowest thread's. The
+/// round's ratio is other/base, or with several pairs of loops the geometric
+/// mean of their ratios. Returns the per-round ratios.
+fn rounds<B, O>(
     base: &'static B,
     other: &'static O,
+    runs: &[(Run<B>, Run<O>)],
     threads: usize,
     n: u64,
     rounds: usize,
@@ -92,28 +100,31 @@ where
     let workers: Vec<_> = (0..threads)
         .map(|_| {
             let barrier = barrier.clone();
+            let runs = runs.to_vec();
             thread::spawn(move || {
-                // Warm both: tcache, memwatch's thread entry.
-                placed::<SIZE, 0, _>(base, n);
-                placed::<SIZE, PAD, _>(other, n);
-                let mut times = Vec::with_capacity(rounds);
+                // Warm every loop: tcache, memwatch's thread entry.
+                for (b, o) in &runs {
+                    b(base, n);
+                    o(other, n);
+                }
+                let mut times = Vec::with_capacity(rounds * runs.len());
                 for r in 0..rounds {
-                    let time = |run: &dyn Fn()| {
-                        barrier.wait();
-                        let start = Instant::now();
-                        run();
-                        start.elapsed()
-                    };
-                    let b = || placed::<SIZE, 0, _>(base, n);
-                    let o = || placed::<SIZE, PAD, _>(other, n);
-                    let (tb, to) = if r % 2 == 0 {
-                        let tb = time(&b);
-                        (tb, time(&o))
-                    } else {
-                        let to = time(&o);
-                        (time(&b), to)
-                    };
-                    times.push((tb, to));
+                    for (b, o) in &runs {
+                        let time = |run: &dyn Fn()| {
+                            barrier.wait();
+                            let start = Instant::now();
+                            run();
+                            start.elapsed()
+                        };
+                        let (tb, to) = if r % 2 == 0 {
+                            let tb = time(&|| b(base, n));
+                            (tb, time(&|| o(other, n)))
+                        } else {
+                            let to = time(&|| o(other, n));
+                            (time(&|| b(base, n)), to)
+                        };
+                        times.push((tb, to));
+                    }
                 }
                 times
             })
@@ -121,11 +132,17 @@ where
         .collect();
     let per_thread: Vec<Vec<(Duration, Duration)>> =
         workers.into_iter().map(|w| w.join().unwrap()).collect();
+    let k = runs.len();
     (0..rounds)
         .map(|r| {
-            let tb = per_thread.iter().map(|t| t[r].0).max().unwrap();
-            let to = per_thread.iter().map(|t| t[r].1).max().unwrap();
-            to.as_secs_f64() / tb.as_secs_f64()
+            let log_sum: f64 = (r * k..(r + 1) * k)
+                .map(|i| {
+                    let tb = per_thread.iter().map(|t| t[i].0).max().unwrap();
+                    let to = per_thread.iter().map(|t| t[i].1).max().unwrap();
+                    (to.as_secs_f64() / tb.as_secs_f64()).ln()
+                })
+                .sum();
+            (log_sum / k as f64).exp()
         })
         .collect()
 }
@@ -168,28 +185,40 @@ fn workload<const SIZE: usize>(threads: usize, n_rounds: usize, rows: &mut Vec<S
         other: &'static O,
     ) {
         if who != "jemalloc" {
+            let runs: [(Run<Jemalloc>, Run<O>); 1] = [(placed::<SIZE, 0, _>, placed::<SIZE, 0, _>)];
             one(
                 who,
-                rounds::<SIZE, 0, _, _>(&common::JEMALLOC, other, threads, n, n_rounds),
+                rounds(&common::JEMALLOC, other, &runs, threads, n, n_rounds),
             );
         }
     }
     for_each_allocator!(run::<SIZE, _>, (&mut one, threads, n, n_rounds));
-    // The placement control: bare jemalloc against itself, its loop moved.
     #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
     {
         let j = &common::JEMALLOC;
+        // The placement control: bare jemalloc against itself, its loop
+        // moved.
+        let base: Run<Jemalloc> = placed::<SIZE, 0, _>;
+        let moved: [(&str, Run<Jemalloc>); 3] = [
+            ("jemalloc+16B", placed::<SIZE, 16, _>),
+            ("jemalloc+32B", placed::<SIZE, 32, _>),
+            ("jemalloc+48B", placed::<SIZE, 48, _>),
+        ];
+        for (who, run) in moved {
+            one(who, rounds(j, j, &[(base, run)], threads, n, n_rounds));
+        }
+        // memwatch against bare jemalloc with both loops at four
+        // placements: the geometric mean cancels what placement alone does.
+        let m = &common::MEMWATCH_JEMALLOC;
+        let runs: [(Run<Jemalloc>, Run<memwatch::MemWatch<Jemalloc>>); 4] = [
+            (placed::<SIZE, 0, _>, placed::<SIZE, 0, _>),
+            (placed::<SIZE, 16, _>, placed::<SIZE, 16, _>),
+            (placed::<SIZE, 32, _>, placed::<SIZE, 32, _>),
+            (placed::<SIZE, 48, _>, placed::<SIZE, 48, _>),
+        ];
         one(
-            "jemalloc+16B",
-            rounds::<SIZE, 16, _, _>(j, j, threads, n, n_rounds),
-        );
-        one(
-            "jemalloc+32B",
-            rounds::<SIZE, 32, _, _>(j, j, threads, n, n_rounds),
-        );
-        one(
-            "jemalloc+48B",
-            rounds::<SIZE, 48, _, _>(j, j, threads, n, n_rounds),
+            "memwatch-jemalloc@4",
+            rounds(j, m, &runs, threads, n, n_rounds),
         );
     }
     rows.push(format!("\"{name}\": {{{}}}", cells.join(", ")));
