@@ -72,9 +72,12 @@ pub fn run(bin: &str, env: &[(&str, &str)], limit: Duration) -> Run {
     let dir = scratch(bin);
     let trace = dir.join("trace");
     let mut cmd = Command::new(bin_path(bin));
-    cmd.env_remove(THRESHOLD)
-        .env_remove(GRACE)
-        .env_remove("RUST_LOG")
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("ELASTICKV_MEMORY_") {
+            cmd.env_remove(name);
+        }
+    }
+    cmd.env_remove("RUST_LOG")
         .env("SCENARIO_TRACE", &trace)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
