@@ -9,6 +9,10 @@ pub const THRESHOLD_ENV: &str = "ELASTICKV_MEMORY_SHUTDOWN_THRESHOLD_MB";
 /// How long the shutdown hooks may take, as `500ms`, `10s` or `2m`.
 pub const GRACE_ENV: &str = "ELASTICKV_MEMORY_SHUTDOWN_GRACE";
 
+/// How often the watchdog re-reads the memory limit while a level is a ratio
+/// of it, as `500ms`, `10s` or `2m`; `0s` reads it once, at start.
+pub const LIMIT_RECHECK_ENV: &str = "ELASTICKV_MEMORY_LIMIT_RECHECK";
+
 /// The threshold as a fraction in (0, 1] of the effective memory limit (the
 /// cgroup's, or RAM). The MiB form wins if both are set.
 pub const THRESHOLD_RATIO_ENV: &str = "ELASTICKV_MEMORY_SHUTDOWN_THRESHOLD_RATIO";
@@ -34,6 +38,12 @@ pub const BYTES_PER_MIB: u64 = 1 << 20;
 /// `terminationGracePeriodSeconds` of a Kubernetes pod, so hooks that fit a
 /// normal stop fit here too.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(30);
+
+/// The limit recheck period when [`LIMIT_RECHECK_ENV`] is unset: 10
+/// seconds. A container resized while it runs (a Kubernetes in-place pod
+/// resize, `systemctl set-property`) has its ratio levels moved within that.
+/// Reading the limit costs a few small file reads on the watchdog thread.
+pub const DEFAULT_LIMIT_RECHECK: Duration = Duration::from_secs(10);
 
 /// The exit code of a memory-pressure shutdown: distinct from a normal stop
 /// (0) and from a crash or a `main` returning an error (1), as in the Go
@@ -155,10 +165,25 @@ pub fn parse_threshold_mb(raw: &str) -> Result<Option<u64>, ConfigError> {
 /// Parses a grace period: a whole number followed by `ms`, `s` or `m`.
 /// Empty means the default, [`DEFAULT_GRACE`].
 pub fn parse_grace(raw: &str) -> Result<Duration, ConfigError> {
-    let err = || ConfigError::new(GRACE_ENV, raw, Problem::NotADuration);
+    parse_duration(GRACE_ENV, raw, DEFAULT_GRACE)
+}
+
+/// Parses a limit recheck period, in the form of [`parse_grace`]; `0s` is
+/// off. Empty means the default, [`DEFAULT_LIMIT_RECHECK`].
+pub fn parse_limit_recheck(raw: &str) -> Result<Duration, ConfigError> {
+    parse_duration(LIMIT_RECHECK_ENV, raw, DEFAULT_LIMIT_RECHECK)
+}
+
+/// A whole number followed by `ms`, `s` or `m`; empty is `default`.
+fn parse_duration(
+    variable: &'static str,
+    raw: &str,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    let err = || ConfigError::new(variable, raw, Problem::NotADuration);
     let text = raw.trim();
     if text.is_empty() {
-        return Ok(DEFAULT_GRACE);
+        return Ok(default);
     }
     let digits = text.bytes().take_while(u8::is_ascii_digit).count();
     let (number, unit) = text.split_at(digits);
@@ -214,6 +239,8 @@ pub(crate) struct EnvConfig {
     /// Soft level, or the reason it is off.
     pub(crate) shed: Result<Option<Level>, ConfigError>,
     pub(crate) grace: Duration,
+    /// How often to re-read the memory limit, or why it is read only once.
+    pub(crate) limit_recheck: Result<Duration, ConfigError>,
     /// Warnings that leave the configuration on (both forms of a level set).
     pub(crate) notes: Vec<String>,
 }
@@ -257,10 +284,15 @@ pub(crate) fn from_env() -> Result<EnvConfig, ConfigError> {
         None => DEFAULT_GRACE,
     };
     let shed = level(SHED_ENV, SHED_RATIO_ENV, &mut notes);
+    let limit_recheck = read(LIMIT_RECHECK_ENV, Problem::NotADuration).and_then(|raw| match raw {
+        Some(raw) => parse_limit_recheck(&raw),
+        None => Ok(DEFAULT_LIMIT_RECHECK),
+    });
     Ok(EnvConfig {
         threshold,
         shed,
         grace,
+        limit_recheck,
         notes,
     })
 }
@@ -343,6 +375,23 @@ mod tests {
         ] {
             let e = parse_grace(raw).unwrap_err();
             assert_eq!(e.variable(), GRACE_ENV);
+            assert_eq!(e.problem(), Problem::NotADuration, "input {raw:?}");
+        }
+    }
+
+    #[test]
+    fn limit_recheck_table() {
+        for (raw, want) in [
+            ("", DEFAULT_LIMIT_RECHECK),
+            ("1s", Duration::from_secs(1)),
+            ("250ms", Duration::from_millis(250)),
+            ("0s", Duration::ZERO),
+        ] {
+            assert_eq!(parse_limit_recheck(raw), Ok(want), "input {raw:?}");
+        }
+        for raw in ["10", "off", "1.5s", "-1s"] {
+            let e = parse_limit_recheck(raw).unwrap_err();
+            assert_eq!(e.variable(), LIMIT_RECHECK_ENV, "input {raw:?}");
             assert_eq!(e.problem(), Problem::NotADuration, "input {raw:?}");
         }
     }

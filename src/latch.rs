@@ -127,11 +127,23 @@ impl Latch {
     }
 
     /// Sets the soft level: enter above `enter`, leave below `leave`. Called
-    /// before `arm`, so a fold that sees the threshold sees these too.
+    /// before `arm` at start, so a fold that sees the threshold sees these
+    /// too, and again when the memory limit moves. The bound that widens the
+    /// band moves first, so a fold in between never sees leave above enter.
     pub(crate) fn arm_shed(&self, enter: isize, leave: isize) {
         debug_assert!(leave <= enter);
-        self.shed_leave.store(leave, SeqCst);
-        self.shed_enter.store(enter, SeqCst);
+        if enter >= self.shed_enter.load(SeqCst) {
+            self.shed_enter.store(enter, SeqCst);
+            self.shed_leave.store(leave, SeqCst);
+        } else {
+            self.shed_leave.store(leave, SeqCst);
+            self.shed_enter.store(enter, SeqCst);
+        }
+    }
+
+    /// Turns the soft level off: never entered, never left.
+    pub(crate) fn disarm_shed(&self) {
+        self.arm_shed(isize::MAX, isize::MIN);
     }
 
     /// The folded total that tripped the latch, if it has tripped.
@@ -213,6 +225,16 @@ mod process {
     /// Sets the soft level; called before `arm`.
     pub(crate) fn arm_shed(enter: isize, leave: isize) {
         LATCH.arm_shed(enter, leave);
+    }
+
+    /// Moves the armed levels (the memory limit changed). `None` turns the
+    /// soft level off.
+    pub(crate) fn rearm(threshold: isize, shed: Option<(isize, isize)>) {
+        match shed {
+            Some((enter, leave)) => LATCH.arm_shed(enter, leave),
+            None => LATCH.disarm_shed(),
+        }
+        LATCH.arm(threshold);
     }
 
     /// Trips the latch from outside a fold (the watchdog's check at start).

@@ -37,6 +37,7 @@
 //! | `ELASTICKV_MEMORY_SHUTDOWN_GRACE` | time the hooks may take: `500ms`, `10s`, `2m` | `30s` |
 //! | `ELASTICKV_MEMORY_SHED_THRESHOLD_MB` | soft level in MiB, below the threshold: [`pressure`] turns true above it | off |
 //! | `ELASTICKV_MEMORY_SHED_THRESHOLD_RATIO` | soft level as a fraction of the effective memory limit | off |
+//! | `ELASTICKV_MEMORY_LIMIT_RECHECK` | how often a ratio level re-reads the memory limit and follows a resize; `0s` reads it once | `10s` |
 //!
 //! A malformed value gives one warning naming the variable and the value; a
 //! bad threshold or grace leaves the watchdog off, a bad soft level leaves
@@ -126,9 +127,10 @@ mod tests;
 pub use crate::alloc::{DefaultInner, MemWatch};
 #[cfg(not(loom))]
 pub use crate::config::{
-    parse_grace, parse_ratio, parse_threshold_mb, ConfigError, Problem, BYTES_PER_MIB,
-    DEFAULT_EXIT_CODE, DEFAULT_GRACE, DEFAULT_SHED_HYSTERESIS_PERCENT, GRACE_ENV, SHED_ENV,
-    SHED_RATIO_ENV, THRESHOLD_ENV, THRESHOLD_RATIO_ENV,
+    parse_grace, parse_limit_recheck, parse_ratio, parse_threshold_mb, ConfigError, Problem,
+    BYTES_PER_MIB, DEFAULT_EXIT_CODE, DEFAULT_GRACE, DEFAULT_LIMIT_RECHECK,
+    DEFAULT_SHED_HYSTERESIS_PERCENT, GRACE_ENV, LIMIT_RECHECK_ENV, SHED_ENV, SHED_RATIO_ENV,
+    THRESHOLD_ENV, THRESHOLD_RATIO_ENV,
 };
 #[cfg(not(loom))]
 pub use crate::counter::{DEFAULT_SLACK, MAX_SLACK, SLOTS};

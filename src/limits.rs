@@ -1,6 +1,7 @@
 //! The memory limit the process lives under: the smallest of its cgroup's
 //! limit (v2 `memory.max` up the hierarchy, v1 `memory.limit_in_bytes` and
-//! `hierarchical_memory_limit`) and physical RAM. Read once, at start.
+//! `hierarchical_memory_limit`) and physical RAM. Read at start, and again
+//! every recheck period by the watchdog while a level is a ratio of it.
 
 use std::fmt;
 use std::fs;

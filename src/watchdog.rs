@@ -18,7 +18,7 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::config::{
     self, ConfigError, Level as Configured, Problem, DEFAULT_EXIT_CODE, DEFAULT_GRACE,
-    DEFAULT_SHED_HYSTERESIS_PERCENT,
+    DEFAULT_LIMIT_RECHECK, DEFAULT_SHED_HYSTERESIS_PERCENT,
 };
 use crate::{counter, latch, limits, stats};
 
@@ -64,6 +64,7 @@ pub struct Watchdog {
     shed: Result<Option<Configured>, ConfigError>,
     hysteresis_percent: u8,
     grace: Duration,
+    limit_recheck: Result<Duration, ConfigError>,
     exit_code: i32,
     hooks: Vec<Hook>,
     pressure_callbacks: Vec<PressureCallback>,
@@ -102,6 +103,7 @@ impl Watchdog {
             shed: Ok(None),
             hysteresis_percent: DEFAULT_SHED_HYSTERESIS_PERCENT,
             grace: DEFAULT_GRACE,
+            limit_recheck: Ok(DEFAULT_LIMIT_RECHECK),
             exit_code: DEFAULT_EXIT_CODE,
             hooks: Vec::new(),
             pressure_callbacks: Vec::new(),
@@ -117,7 +119,12 @@ impl Watchdog {
     /// - `ELASTICKV_MEMORY_SHUTDOWN_GRACE` (default `30s`);
     /// - `ELASTICKV_MEMORY_SHED_THRESHOLD_MB` or
     ///   `ELASTICKV_MEMORY_SHED_THRESHOLD_RATIO`, the soft level (off by
-    ///   default).
+    ///   default);
+    /// - `ELASTICKV_MEMORY_LIMIT_RECHECK`, how often a ratio level re-reads
+    ///   the memory limit (default `10s`; `0s` reads it once, at start).
+    ///
+    /// A malformed recheck period is one warning, and the limit is then read
+    /// once, at start.
     ///
     /// A malformed threshold or grace is reported by [`start`](Self::start)
     /// as one warning naming the variable and the value, and the watchdog
@@ -129,6 +136,7 @@ impl Watchdog {
                 w.threshold = Ok(c.threshold);
                 w.shed = c.shed;
                 w.grace = c.grace;
+                w.limit_recheck = c.limit_recheck;
                 w.notes = c.notes;
             }
             Err(e) => w.threshold = Err(e),
@@ -183,6 +191,16 @@ impl Watchdog {
         self
     }
 
+    /// Sets how often the watchdog re-reads the memory limit while the
+    /// threshold or the soft level is a ratio of it; `Duration::ZERO` reads
+    /// it once, at start. When the limit moves (the container was resized),
+    /// the levels move with it, and a heap already above a lowered threshold
+    /// starts the shutdown at once. Default 10 s. Overrides the environment.
+    pub fn limit_recheck(mut self, every: Duration) -> Self {
+        self.limit_recheck = Ok(every);
+        self
+    }
+
     /// Sets how long the hooks may take in all. Past it the process exits
     /// with the exit code anyway, and the hook still running is logged.
     pub fn grace(mut self, grace: Duration) -> Self {
@@ -229,6 +247,8 @@ impl Watchdog {
             emit(Level::Warn, format_args!("{note}"));
         }
         let mut limit = None;
+        let threshold_cfg = self.threshold.clone().ok().flatten();
+        let shed_cfg = self.shed.clone().ok().flatten();
         let threshold = match self.threshold.and_then(|t| resolve(t, &mut limit)) {
             Err(e) => {
                 emit(Level::Warn, format_args!("{e}; the memory watchdog is off"));
@@ -257,21 +277,40 @@ impl Watchdog {
             }
             Ok(Some(bytes)) => bytes as isize,
         };
-        let shed = match self.shed.and_then(|s| resolve(s, &mut limit)) {
-            Ok(Some(bytes)) if bytes as isize >= threshold => {
-                let e = ConfigError::in_code(
-                    config::SHED_ENV,
-                    bytes / config::BYTES_PER_MIB,
-                    Problem::ShedNotBelowShutdown,
-                );
-                emit(Level::Warn, format_args!("{e}; the shed level is off"));
-                None
-            }
-            Ok(level) => level.map(|b| b as isize),
+        let hysteresis = self.hysteresis_percent;
+        let shed = match self
+            .shed
+            .and_then(|s| resolve(s, &mut limit))
+            .and_then(|enter| shed_band(enter, threshold, hysteresis))
+        {
+            Ok(band) => band,
             Err(e) => {
                 emit(Level::Warn, format_args!("{e}; the shed level is off"));
                 None
             }
+        };
+        let recheck = match self.limit_recheck {
+            Ok(every) => every,
+            Err(e) => {
+                emit(
+                    Level::Warn,
+                    format_args!("{e}; the memory limit is read once, at start"),
+                );
+                Duration::ZERO
+            }
+        };
+        let ratio = |c: &Option<Configured>| matches!(c, Some(Configured::Ratio(..)));
+        let follow = match &limit {
+            Some(l) if !recheck.is_zero() && (ratio(&threshold_cfg) || ratio(&shed_cfg)) => {
+                threshold_cfg.map(|threshold| Follow {
+                    every: recheck,
+                    threshold,
+                    shed: shed_cfg,
+                    hysteresis,
+                    limit: l.clone(),
+                })
+            }
+            _ => None,
         };
         if STARTED.swap(true, SeqCst) {
             emit(
@@ -285,8 +324,6 @@ impl Watchdog {
             grace: self.grace,
             exit_code: self.exit_code,
         };
-        let hysteresis = self.hysteresis_percent;
-        let shed = shed.map(|enter| (enter, enter - enter / 100 * hysteresis as isize));
         let callbacks = self.pressure_callbacks;
         let names: Vec<String> = self.hooks.iter().map(|h| h.name.clone()).collect();
         let spawned = thread::Builder::new()
@@ -296,7 +333,7 @@ impl Watchdog {
                 let hooks = self.hooks;
                 thread::Builder::new()
                     .name("memwatch-watchdog".into())
-                    .spawn(move || watchdog_thread(plan, hooks, callbacks))
+                    .spawn(move || watchdog_thread(plan, hooks, callbacks, follow))
             });
         let watchdog = match spawned {
             Ok(handle) => handle,
@@ -313,23 +350,22 @@ impl Watchdog {
         }
         latch::arm(threshold, watchdog.thread().clone());
         if let Some(l) = &limit {
+            let rechecked = if recheck.is_zero() {
+                "read once".to_owned()
+            } else {
+                format!("rechecked every {recheck:?}")
+            };
             emit(
                 Level::Info,
                 format_args!(
-                    "memory limit {} bytes ({} MiB) from {}",
+                    "memory limit {} bytes ({} MiB) from {}, {rechecked}",
                     l.bytes,
                     l.bytes / config::BYTES_PER_MIB,
                     l.source
                 ),
             );
         }
-        let shed_text = match shed {
-            Some((enter, leave)) => format!(
-                "shed level {} MiB ({enter} bytes, left below {leave} bytes)",
-                enter as u64 / config::BYTES_PER_MIB
-            ),
-            None => "no shed level".to_owned(),
-        };
+        let shed_text = describe_shed(shed);
         emit(
             Level::Info,
             format_args!(
@@ -346,13 +382,7 @@ impl Watchdog {
         );
         // Folds before the levels were armed compared against none: look
         // once now.
-        let now = counter::live_bytes();
-        if shed.is_some_and(|(enter, _)| now > enter) {
-            latch::shift_now(true);
-        }
-        if now > threshold {
-            latch::trip_now(now);
-        }
+        check_now(threshold, shed);
         WatchdogHandle { armed: true, ..off }
     }
 }
@@ -387,6 +417,109 @@ fn resolve(
             let bytes = bytes.min(isize::MAX as u64);
             Ok(Some(bytes.max(1)))
         }
+    }
+}
+
+/// The soft level's enter and leave figures for a level of `enter` bytes
+/// (if any) under `threshold`.
+fn shed_band(
+    enter: Option<u64>,
+    threshold: isize,
+    hysteresis_percent: u8,
+) -> Result<Option<(isize, isize)>, ConfigError> {
+    match enter {
+        None => Ok(None),
+        Some(bytes) if bytes as isize >= threshold => Err(ConfigError::in_code(
+            config::SHED_ENV,
+            bytes / config::BYTES_PER_MIB,
+            Problem::ShedNotBelowShutdown,
+        )),
+        Some(bytes) => {
+            let enter = bytes as isize;
+            Ok(Some((
+                enter,
+                enter - enter / 100 * hysteresis_percent as isize,
+            )))
+        }
+    }
+}
+
+/// The soft level for the logs.
+fn describe_shed(shed: Option<(isize, isize)>) -> String {
+    match shed {
+        Some((enter, leave)) => format!(
+            "shed level {} MiB ({enter} bytes, left below {leave} bytes)",
+            enter as u64 / config::BYTES_PER_MIB
+        ),
+        None => "no shed level".to_owned(),
+    }
+}
+
+/// Compares the exact reading with the armed levels, for when they were
+/// set or moved outside a fold.
+fn check_now(threshold: isize, shed: Option<(isize, isize)>) {
+    let now = counter::live_bytes();
+    match shed {
+        Some((enter, _)) if now > enter => latch::shift_now(true),
+        Some((_, leave)) if now >= leave => {}
+        _ => latch::shift_now(false),
+    }
+    if now > threshold {
+        latch::trip_now(now);
+    }
+}
+
+/// What the watchdog needs to move ratio levels with the memory limit.
+struct Follow {
+    every: Duration,
+    threshold: Configured,
+    shed: Option<Configured>,
+    hysteresis: u8,
+    /// The limit the armed levels come from.
+    limit: limits::MemoryLimit,
+}
+
+impl Follow {
+    /// Re-reads the limit; if it moved, moves the levels, logs it, and
+    /// compares the reading with the new levels.
+    fn recheck(&mut self) {
+        let Some(new) = limits::memory_limit() else {
+            return;
+        };
+        if new.bytes == self.limit.bytes {
+            return;
+        }
+        let old = std::mem::replace(&mut self.limit, new.clone());
+        let mut limit = Some(new.clone());
+        let Ok(Some(threshold)) = resolve(Some(self.threshold), &mut limit) else {
+            return;
+        };
+        let threshold = threshold as isize;
+        let shed = match resolve(self.shed, &mut limit)
+            .and_then(|enter| shed_band(enter, threshold, self.hysteresis))
+        {
+            Ok(band) => band,
+            Err(e) => {
+                emit(Level::Warn, format_args!("{e}; the shed level is off"));
+                None
+            }
+        };
+        latch::rearm(threshold, shed);
+        let shed_text = describe_shed(shed);
+        emit(
+            Level::Warn,
+            format_args!(
+                "memory limit changed from {} to {} bytes ({} MiB) in {}; threshold now {} MiB \
+                 ({threshold} bytes), {shed_text}; live heap now {} bytes",
+                old.bytes,
+                new.bytes,
+                new.bytes / config::BYTES_PER_MIB,
+                new.source,
+                threshold as u64 / config::BYTES_PER_MIB,
+                stats::live_bytes(),
+            ),
+        );
+        check_now(threshold, shed);
     }
 }
 
@@ -472,8 +605,14 @@ struct Plan {
     exit_code: i32,
 }
 
-fn watchdog_thread(plan: Plan, hooks: Vec<Hook>, mut callbacks: Vec<PressureCallback>) {
+fn watchdog_thread(
+    plan: Plan,
+    hooks: Vec<Hook>,
+    mut callbacks: Vec<PressureCallback>,
+    mut follow: Option<Follow>,
+) {
     let mut shedding = false;
+    let mut next_recheck = follow.as_ref().map(|f| Instant::now() + f.every);
     let tripped_at = loop {
         if let Some(at) = latch::tripped_at() {
             break at;
@@ -483,7 +622,18 @@ fn watchdog_thread(plan: Plan, hooks: Vec<Hook>, mut callbacks: Vec<PressureCall
             pressure_changed(shedding, &mut callbacks);
         }
         // Spurious wake-ups just loop.
-        thread::park();
+        match (&mut follow, next_recheck) {
+            (Some(f), Some(at)) => {
+                let now = Instant::now();
+                if now >= at {
+                    f.recheck();
+                    next_recheck = Some(now + f.every);
+                } else {
+                    thread::park_timeout(at - now);
+                }
+            }
+            _ => thread::park(),
+        }
     };
     let started = Instant::now();
     {
@@ -493,6 +643,8 @@ fn watchdog_thread(plan: Plan, hooks: Vec<Hook>, mut callbacks: Vec<PressureCall
     }
     SEQUENCE_CHANGED.notify_all();
 
+    // The armed threshold: the plan's, or where a resize moved it.
+    let threshold = latch::threshold().unwrap_or(plan.threshold);
     let jemalloc = match stats::jemalloc_stats().filter(|_| stats::wraps_jemalloc()) {
         Some(s) => s.to_string(),
         None => "no jemalloc figures (jemalloc is not the inner allocator)".to_owned(),
@@ -503,8 +655,8 @@ fn watchdog_thread(plan: Plan, hooks: Vec<Hook>, mut callbacks: Vec<PressureCall
             "memory threshold crossed: live heap {} bytes > threshold {} bytes ({} MiB); \
              live now {} bytes; {}; running {} shutdown hook(s) within {:?}, then exiting with code {}",
             tripped_at,
-            plan.threshold,
-            plan.threshold as u64 / config::BYTES_PER_MIB,
+            threshold,
+            threshold as u64 / config::BYTES_PER_MIB,
             stats::live_bytes(),
             jemalloc,
             hooks.len(),

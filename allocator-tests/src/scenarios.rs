@@ -31,6 +31,25 @@ pub fn crosses_threshold() {
     println!("finished holding {} MiB", held.len());
 }
 
+/// Holds `HOLD_MIB` MiB (default 96) and waits up to 30 s for the latch, so
+/// that a test can move the memory limit under it. Exits 2 through the
+/// watchdog; exit 0 and "not tripped" means the levels never caught it.
+pub fn holds_and_waits() {
+    init_logging();
+    let watchdog = memwatch::Watchdog::from_env()
+        .on_shutdown("flush", || trace("flush"))
+        .start();
+    let mib: usize = std::env::var("HOLD_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(96);
+    let held: Vec<Vec<u8>> = (0..mib).map(|_| touched(1)).collect();
+    println!("held MiB: {}", held.len());
+    memwatch::wait_tripped_timeout(Duration::from_secs(30));
+    watchdog.exit_if_tripped();
+    println!("not tripped");
+}
+
 /// Starts the watchdog from the environment, allocates far beyond any
 /// threshold used in the tests (holding 512 MiB at the peak), reports the
 /// memwatch threads it has, and ends normally.

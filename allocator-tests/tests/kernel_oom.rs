@@ -275,3 +275,120 @@ fn a_ratio_threshold_follows_the_cgroup_limit() {
         "the shed level was entered on the way"
     );
 }
+
+#[test]
+fn ratio_levels_follow_a_resize_of_the_cgroup() {
+    use std::io::{BufRead, BufReader};
+    use std::sync::mpsc;
+
+    let cg = match Cgroup::create(
+        &format!("memwatch-test-resize-{}", std::process::id()),
+        512 << 20,
+    ) {
+        Ok(cg) => cg,
+        Err(why) => return skip_or_fail(&why),
+    };
+    let limit_file = match cg.version {
+        1 => "memory.limit_in_bytes",
+        _ => "memory.max",
+    };
+    let dir = scratch("kernel-resize");
+    let trace = dir.join("trace");
+    // 96 MiB held. At 512 MiB the threshold is 256 MiB and the shed level
+    // 128 MiB: below both.
+    let mut child = cg
+        .command(&bin_path("holds_and_waits"), &[])
+        .env_remove(THRESHOLD)
+        .env_remove("ELASTICKV_MEMORY_SHUTDOWN_GRACE")
+        .env("ELASTICKV_MEMORY_SHUTDOWN_THRESHOLD_RATIO", "0.5")
+        .env("ELASTICKV_MEMORY_SHED_THRESHOLD_RATIO", "0.25")
+        .env("ELASTICKV_MEMORY_LIMIT_RECHECK", "100ms")
+        .env("HOLD_MIB", "96")
+        .env("SCENARIO_TRACE", &trace)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn holds_and_waits");
+    let (tx, lines) = mpsc::channel::<String>();
+    for stream in [
+        Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+        Box::new(child.stderr.take().unwrap()),
+    ] {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+    }
+    drop(tx);
+    let mut seen = Vec::new();
+    let mut wait_for = |needle: &str| -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match lines.recv_timeout(left) {
+                Ok(line) => {
+                    seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!("no line with {needle:?} in:\n{}", seen.join("\n")),
+            }
+        }
+    };
+    let on = wait_for("memory watchdog on");
+    assert!(on.contains("threshold 256 MiB"), "{on}");
+    assert!(on.contains("shed level 128 MiB"), "{on}");
+    wait_for("held MiB: 96");
+
+    // 320 MiB: threshold 160 MiB (still above), shed level 80 MiB (now
+    // below what is held): the soft level is entered, nothing exits.
+    cg.write(limit_file, &(320u64 << 20).to_string()).unwrap();
+    let moved = wait_for("memory limit changed");
+    assert!(
+        moved.contains("from 536870912 to 335544320 bytes (320 MiB)"),
+        "{moved}"
+    );
+    assert!(
+        moved.contains("threshold now 160 MiB (167772160 bytes)"),
+        "{moved}"
+    );
+    assert!(
+        moved.contains("shed level 80 MiB (83886080 bytes"),
+        "{moved}"
+    );
+    wait_for("shedding load");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "still running above the shed level"
+    );
+
+    // 160 MiB: threshold 80 MiB, below the 96 MiB held: the shutdown
+    // starts within a recheck period.
+    let resized = Instant::now();
+    cg.write(limit_file, &(160u64 << 20).to_string()).unwrap();
+    let moved = wait_for("memory limit changed from 335544320 to 167772160");
+    assert!(moved.contains("threshold now 80 MiB"), "{moved}");
+    wait_for("memory threshold crossed");
+    let status = child.wait().unwrap();
+    let took = resized.elapsed();
+    seen.extend(lines.iter());
+    let log = seen.join("\n");
+    eprintln!("{log}");
+    assert_eq!(status.code(), Some(2), "{log}");
+    assert!(
+        took < Duration::from_secs(5),
+        "exit {took:?} after the resize"
+    );
+    let trace = std::fs::read_to_string(&trace).unwrap_or_default();
+    assert_eq!(
+        trace.lines().collect::<Vec<_>>(),
+        ["flush"],
+        "the hook ran once"
+    );
+    assert!(!log.contains("not tripped"), "{log}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{run, GRACE, THRESHOLD};
+use common::{run, Run, GRACE, THRESHOLD};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -95,6 +95,48 @@ fn bad_grace_values_warn_once_and_stay_off() {
         assert_eq!(r.fact("memwatch threads"), Some("[]"), "{r:#?}");
         r.one_warning(&[GRACE, &format!("{value:?}"), "off"]);
     }
+}
+
+#[test]
+fn bad_limit_recheck_values_warn_once_and_read_the_limit_once() {
+    const RECHECK: &str = "ELASTICKV_MEMORY_LIMIT_RECHECK";
+    for value in ["10", "off", "1.5s", "-1s"] {
+        // Half of the memory limit: far above the 512 MiB the scenario holds.
+        let env = [
+            ("ELASTICKV_MEMORY_SHUTDOWN_THRESHOLD_RATIO", "0.5"),
+            (RECHECK, value),
+        ];
+        let r = run("runs_to_end", &env, LIMIT);
+        assert_eq!(r.code(), Some(0), "{r:#?}");
+        r.one_warning(&[RECHECK, &format!("{value:?}"), "read once, at start"]);
+        assert_eq!(
+            r.stderr_lines("memory watchdog on").len(),
+            1,
+            "still on: {r:#?}"
+        );
+        assert!(limit_line(&r).ends_with("read once"), "{r:#?}");
+    }
+    let r = run(
+        "runs_to_end",
+        &[("ELASTICKV_MEMORY_SHUTDOWN_THRESHOLD_RATIO", "0.5")],
+        LIMIT,
+    );
+    assert!(r.stderr_lines("WARN").is_empty(), "{r:#?}");
+    assert!(
+        limit_line(&r).ends_with("rechecked every 10s"),
+        "the default: {r:#?}"
+    );
+}
+
+/// The line that logs the memory limit at start.
+fn limit_line(r: &Run) -> &str {
+    let lines: Vec<&str> = r
+        .stderr_lines("memory limit ")
+        .into_iter()
+        .filter(|l| l.contains(" bytes ("))
+        .collect();
+    assert_eq!(lines.len(), 1, "{r:#?}");
+    lines[0]
 }
 
 #[test]
