@@ -12,6 +12,11 @@ pub const MAX_BULK: usize = 16 << 20;
 pub const MAX_ARGS: usize = 1024;
 /// The longest inline command or header line.
 pub const MAX_LINE: usize = 64 << 10;
+/// The most bytes a connection may hold of a command not yet whole: 64 MiB,
+/// four of the longest bulk strings. Each argument is bounded above, but
+/// 1024 of them are not (16 GiB); past this the client gets an error and
+/// is closed, as Redis does past its `client-query-buffer-limit`.
+pub const MAX_QUERY: usize = 64 << 20;
 
 /// The outcome of parsing the front of a buffer.
 #[derive(Debug, PartialEq, Eq)]
@@ -57,7 +62,9 @@ pub fn parse(buf: &[u8]) -> Parsed {
         _ => return Parsed::Error("ERR Protocol error: invalid multibulk length"),
     };
     at += 2;
-    let mut args = Vec::with_capacity(count);
+    // Where each argument lies; copied out only once the whole command is
+    // here, so a command arriving in many reads is not copied again on each.
+    let mut spans = Vec::with_capacity(count);
     for _ in 0..count {
         if at >= buf.len() {
             return Parsed::Incomplete;
@@ -81,9 +88,10 @@ pub fn parse(buf: &[u8]) -> Parsed {
         if &buf[start + len..start + len + 2] != b"\r\n" {
             return Parsed::Error("ERR Protocol error: bulk string not terminated");
         }
-        args.push(buf[start..start + len].to_vec());
+        spans.push(start..start + len);
         at = start + len + 2;
     }
+    let args = spans.into_iter().map(|span| buf[span].to_vec()).collect();
     Parsed::Command(args, at)
 }
 
