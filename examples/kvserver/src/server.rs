@@ -20,6 +20,17 @@ pub const OOM_REPLY: &str = "OOM command not allowed when used memory > 'maxmemo
 /// How long a connection waits on a read before it looks at the stop flag.
 const POLL: Duration = Duration::from_millis(50);
 
+/// Replies are sent once this much is pending, so a pipeline of large GETs
+/// holds at most this much (plus one reply) per connection.
+const OUT_FLUSH: usize = 1 << 20;
+
+/// How long a reply may wait for a client that does not read before the
+/// connection is dropped.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The reply to a client whose unfinished command passed `resp::MAX_QUERY`.
+const QUERY_TOO_BIG: &str = "ERR Protocol error: query buffer too big";
+
 /// The shared state of one server.
 pub struct Server {
     store: RwLock<HashMap<Vec<u8>, Vec<u8>>>,
@@ -110,6 +121,7 @@ impl Server {
 
     fn connection(&self, mut stream: TcpStream) -> io::Result<()> {
         stream.set_read_timeout(Some(POLL))?;
+        stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
         stream.set_nodelay(true)?;
         let mut buf: Vec<u8> = Vec::with_capacity(16 << 10);
         let mut out = Vec::with_capacity(16 << 10);
@@ -119,6 +131,7 @@ impl Server {
             let mut used = 0;
             let mut close = false;
             self.in_flight.fetch_add(1, SeqCst);
+            let mut sent = Ok(());
             while !self.stopping.load(SeqCst) {
                 match resp::parse(&buf[used..]) {
                     Parsed::Incomplete => break,
@@ -134,9 +147,21 @@ impl Server {
                         break;
                     }
                 }
+                if out.len() >= OUT_FLUSH {
+                    sent = stream.write_all(&out);
+                    out.clear();
+                    if sent.is_err() {
+                        break;
+                    }
+                }
             }
             self.in_flight.fetch_sub(1, SeqCst);
+            sent?;
             buf.drain(..used);
+            if buf.len() > resp::MAX_QUERY {
+                resp::error(&mut out, QUERY_TOO_BIG);
+                close = true;
+            }
             if !out.is_empty() {
                 stream.write_all(&out)?;
                 out.clear();

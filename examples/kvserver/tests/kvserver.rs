@@ -273,6 +273,75 @@ fn bad_input_gets_an_error_or_a_close_never_a_crash() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `used_memory` from INFO: memwatch's live heap of the server.
+fn used_memory(addr: &str) -> u64 {
+    let mut probe = TcpStream::connect(addr).unwrap();
+    let info = roundtrip(&mut probe, b"*1\r\n$4\r\nINFO\r\n");
+    String::from_utf8_lossy(&info)
+        .lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn a_command_past_the_query_limit_is_refused_and_its_buffer_freed() {
+    let dir = scratch("querylimit");
+    let server = Server::start(&dir.join("wal"), None);
+    let addr = server.addr.clone();
+    // Every argument is within the 16 MiB bulk limit; five of them are 80
+    // MiB, past the 64 MiB a connection may buffer for one command.
+    let mut request = b"*6\r\n$3\r\nSET\r\n".to_vec();
+    for _ in 0..5 {
+        request.extend_from_slice(format!("${}\r\n", 16 << 20).as_bytes());
+        request.resize(request.len() + (16 << 20), b'v');
+        request.extend_from_slice(b"\r\n");
+    }
+    let mut s = TcpStream::connect(&addr).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+    let sent = s.write_all(&request);
+    assert!(
+        sent.is_err(),
+        "the server closed the connection before taking all 80 MiB"
+    );
+    drop(s);
+    std::thread::sleep(Duration::from_millis(200));
+    let used = used_memory(&addr);
+    assert!(used < 8 << 20, "the buffer was freed: {used} bytes live");
+    let mut probe = TcpStream::connect(&addr).unwrap();
+    assert_eq!(roundtrip(&mut probe, b"PING\r\n"), b"+PONG\r\n");
+    assert_eq!(server.stop(), Some(0));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_pipeline_of_large_replies_to_a_client_that_does_not_read_stays_bounded() {
+    let dir = scratch("outlimit");
+    let server = Server::start(&dir.join("wal"), None);
+    let addr = server.addr.clone();
+    let mut s = TcpStream::connect(&addr).unwrap();
+    let value = vec![b'v'; 1 << 20];
+    let mut set = format!("*3\r\n$3\r\nSET\r\n$3\r\nbig\r\n${}\r\n", value.len()).into_bytes();
+    set.extend_from_slice(&value);
+    set.extend_from_slice(b"\r\n");
+    assert_eq!(roundtrip(&mut s, &set), b"+OK\r\n");
+    // 1000 GETs of the 1 MiB value, sent and never read: 1 GiB of replies
+    // if the server queued them all.
+    let get = b"*2\r\n$3\r\nGET\r\n$3\r\nbig\r\n".repeat(1000);
+    s.write_all(&get).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let used = used_memory(&addr);
+    assert!(
+        used < 16 << 20,
+        "the replies are sent as they come, not queued: {used} bytes live"
+    );
+    drop(s);
+    assert_eq!(server.stop(), Some(0));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn redis_benchmark_completes_against_the_server() {
     let have = Command::new("redis-benchmark")
