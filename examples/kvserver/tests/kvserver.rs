@@ -5,7 +5,7 @@ use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kvserver");
 
@@ -26,8 +26,12 @@ struct Server {
 impl Server {
     fn start(wal: &Path, threshold: Option<&str>) -> Server {
         let mut cmd = Command::new(BIN);
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("ELASTICKV_MEMORY_") {
+                cmd.env_remove(name);
+            }
+        }
         cmd.args(["serve", "127.0.0.1:0", wal.to_str().unwrap()])
-            .env_remove("ELASTICKV_MEMORY_SHUTDOWN_THRESHOLD_MB")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
@@ -60,13 +64,33 @@ impl Server {
         }
     }
 
+    /// Sends SIGTERM and returns the exit code. A server that has not
+    /// stopped 30 s later fails the test (and is killed by `Drop`).
     fn stop(mut self) -> Option<i32> {
         // SAFETY: kill has no memory-safety preconditions; the pid is our
         // child's, not yet reaped.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let status = self.child.wait().unwrap();
-        drop(self.lines);
-        status.code()
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the server did not stop within 30 s of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    /// A test that fails leaves no server running behind it.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 
