@@ -154,6 +154,21 @@ fn run_workload(name: &str, threshold_mib: Option<u64>) -> Result<Outcome, Strin
     Ok(outcome)
 }
 
+/// A cgroup for one test, or `None` after `skip_or_fail` where the machine
+/// has none to give.
+fn cgroup_or_skip(test: &str, limit_bytes: u64) -> Option<Cgroup> {
+    match Cgroup::create(
+        &format!("memwatch-test-{test}-{}", std::process::id()),
+        limit_bytes,
+    ) {
+        Ok(cg) => Some(cg),
+        Err(why) => {
+            skip_or_fail(&why);
+            None
+        }
+    }
+}
+
 fn skip_or_fail(why: &str) {
     if std::env::var("MEMWATCH_REQUIRE_CGROUP").as_deref() == Ok("1") {
         panic!("a memory cgroup is required here (MEMWATCH_REQUIRE_CGROUP=1): {why}");
@@ -237,12 +252,8 @@ fn memwatch_exits_2_where_the_kernel_oom_kills() {
 
 #[test]
 fn a_ratio_threshold_follows_the_cgroup_limit() {
-    let cg = match Cgroup::create(
-        &format!("memwatch-test-ratio-{}", std::process::id()),
-        256 << 20,
-    ) {
-        Ok(cg) => cg,
-        Err(why) => return skip_or_fail(&why),
+    let Some(cg) = cgroup_or_skip("ratio", 256 << 20) else {
+        return;
     };
     let mut cmd = cg.command(&bin_path("crosses_threshold"), &[]);
     let out = cmd
@@ -281,12 +292,8 @@ fn ratio_levels_follow_a_resize_of_the_cgroup() {
     use std::io::{BufRead, BufReader};
     use std::sync::mpsc;
 
-    let cg = match Cgroup::create(
-        &format!("memwatch-test-resize-{}", std::process::id()),
-        512 << 20,
-    ) {
-        Ok(cg) => cg,
-        Err(why) => return skip_or_fail(&why),
+    let Some(cg) = cgroup_or_skip("resize", 512 << 20) else {
+        return;
     };
     let limit_file = match cg.version {
         1 => "memory.limit_in_bytes",
