@@ -18,7 +18,6 @@ fn scratch(name: &str) -> PathBuf {
 
 struct Server {
     child: Child,
-    lines: mpsc::Receiver<String>,
     addr: String,
     replayed: String,
 }
@@ -56,9 +55,9 @@ impl Server {
         };
         let replayed = next("replayed ");
         let addr = next("listening ");
+        // The reader thread keeps draining stdout after `lines` is gone.
         Server {
             child,
-            lines,
             addr,
             replayed,
         }
