@@ -5,4 +5,6 @@ mod kv;
 #[global_allocator]
 static GLOBAL: cap::Cap<memwatch::Jemalloc> = cap::Cap::new(memwatch::Jemalloc, usize::MAX);
 
-kv_bench!("cap-jemalloc");
+fn main() {
+    kv::main("cap-jemalloc");
+}

@@ -5,4 +5,6 @@ mod kv;
 #[global_allocator]
 static GLOBAL: memwatch::Jemalloc = memwatch::Jemalloc;
 
-kv_bench!("jemalloc");
+fn main() {
+    kv::main("jemalloc");
+}

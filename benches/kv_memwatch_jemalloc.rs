@@ -5,4 +5,6 @@ mod kv;
 #[global_allocator]
 static GLOBAL: memwatch::MemWatch = memwatch::MemWatch::new(memwatch::Jemalloc);
 
-kv_bench!("memwatch-jemalloc");
+fn main() {
+    kv::main("memwatch-jemalloc");
+}

@@ -5,4 +5,6 @@ mod kv;
 #[global_allocator]
 static GLOBAL: memwatch::MemWatch<std::alloc::System> = memwatch::MemWatch::new(std::alloc::System);
 
-kv_bench!("memwatch-system");
+fn main() {
+    kv::main("memwatch-system");
+}

@@ -5,4 +5,6 @@ mod kv;
 #[global_allocator]
 static GLOBAL: std::alloc::System = std::alloc::System;
 
-kv_bench!("system");
+fn main() {
+    kv::main("system");
+}
