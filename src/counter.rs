@@ -30,6 +30,7 @@ use std::cell::Cell;
 use std::sync::atomic::AtomicIsize;
 use std::sync::atomic::Ordering::Relaxed;
 
+use crate::count::{self, Count};
 use crate::latch;
 use crate::registry::Registry;
 
@@ -45,41 +46,9 @@ pub const SLOTS: usize = 256;
 
 /// The largest slack [`crate::MemWatch::with_slack`] accepts: 2^61 bytes.
 /// It keeps `2 * slack` below 2^62, so that the counting window of a thread
-/// that is not (or no longer) listed can never be entered: its count sits at
-/// `isize::MIN / 2` and stays outside every window after any delta smaller
-/// than 2^62 bytes, which every allocation that can succeed is.
+/// that is not (or no longer) listed can never be entered (see
+/// `count::OUTSIDE`).
 pub const MAX_SLACK: usize = isize::MAX as usize / 4;
-
-/// The level of a thread that has no table entry: so far outside any window
-/// that every update misses the fast path, which is how the fast path learns
-/// that there is no entry without a separate branch. Never stored to by the
-/// fast path, for the same reason.
-const OUTSIDE: isize = isize::MIN / 2;
-
-/// One thread's pending delta, in that thread's own thread-local block.
-///
-/// The delta is kept biased: `level = pending + bias`, with `bias` the slack
-/// of the allocator that last folded it. The window `-slack <= pending <=
-/// slack` then reads `0 <= level <= 2 * slack`, one unsigned compare on the
-/// value just computed.
-pub(crate) struct Count {
-    /// `pending + bias`. Written only by the owning thread; read by anyone
-    /// summing the exact reading, through the table.
-    level: AtomicIsize,
-    /// The slack the level is biased by. Written only by the owner, in the
-    /// cold path; it changes only when one thread uses two `MemWatch`
-    /// instances with different slacks.
-    bias: AtomicIsize,
-}
-
-impl Count {
-    /// The pending delta. Relaxed loads: a statistic, see `record`.
-    fn pending(&self) -> isize {
-        self.level
-            .load(Relaxed)
-            .wrapping_sub(self.bias.load(Relaxed))
-    }
-}
 
 /// The addresses of live threads' `Count`s.
 static TABLE: Registry<Count, SLOTS> = Registry::new();
@@ -104,12 +73,7 @@ thread_local! {
     // at any point of a thread's life, including while other thread-locals
     // are being destroyed. Touching them never allocates. `COUNT` lives until
     // the thread's thread-local block is freed, after every destructor ran.
-    static COUNT: Count = const {
-        Count {
-            level: AtomicIsize::new(OUTSIDE),
-            bias: AtomicIsize::new(0),
-        }
-    };
+    static COUNT: Count = const { Count::outside() };
     static STATE: Cell<u8> = const { Cell::new(UNREGISTERED) };
     static ENTRY: Cell<usize> = const { Cell::new(usize::MAX) };
     // The one thread-local with a destructor. It is touched only once per
@@ -127,40 +91,18 @@ thread_local! {
 /// costs the caller's loop.
 #[inline(always)]
 pub(crate) fn record<R: Fn()>(delta: isize, slack: usize, on_register: R) {
-    COUNT.with(|count| {
-        // Relaxed is enough: only this thread writes its level, so it reads
-        // its own last store; readers summing the table tolerate a stale
-        // value (the reading is only promised exact once threads are
-        // quiescent, and joining or otherwise synchronising with a thread
-        // publishes its stores).
-        let level = count.level.load(Relaxed).wrapping_add(delta);
-        // `0 <= level <= 2 * slack` as one unsigned compare: a negative
-        // level is above `isize::MAX` as a `usize`. (`slack <= MAX_SLACK`,
-        // so `2 * slack` cannot overflow.) `OUTSIDE` never passes.
-        if level as usize <= slack * 2 {
-            count.level.store(level, Relaxed);
-        } else {
-            record_cold(delta, slack, on_register);
-        }
-    })
+    if !COUNT.with(|count| count.add(delta, slack)) {
+        record_cold(delta, slack, on_register);
+    }
 }
 
-/// [`record`] for a free of `size` bytes. A free only lowers the level, so
-/// only the window's lower end can be crossed, and `level < 0` is the sign
-/// flag of the subtraction itself: one instruction fewer than the general
-/// check. `OUTSIDE` minus any size is negative too.
+/// [`record`] for a free of `size` bytes, one instruction shorter (see
+/// [`Count::take`]).
 #[inline(always)]
 pub(crate) fn record_free<R: Fn()>(size: usize, slack: usize, on_register: R) {
-    let delta = (size as isize).wrapping_neg();
-    COUNT.with(|count| {
-        // Relaxed: see `record`.
-        let level = count.level.load(Relaxed).wrapping_add(delta);
-        if level >= 0 {
-            count.level.store(level, Relaxed);
-        } else {
-            record_cold(delta, slack, on_register);
-        }
-    })
+    if !COUNT.with(|count| count.take(size)) {
+        record_cold((size as isize).wrapping_neg(), slack, on_register);
+    }
 }
 
 #[cold]
@@ -176,36 +118,12 @@ fn record_cold<R: Fn()>(delta: isize, slack: usize, on_register: R) {
         }
         return fold(delta);
     }
-    COUNT.with(|count| {
-        // Relaxed: only this thread writes its level and bias (see `record`).
-        let bias = count.bias.load(Relaxed);
-        let level = count.level.load(Relaxed).wrapping_add(delta);
-        // Fold first, then re-centre: a concurrent reader may briefly count
-        // the delta twice, never lose it from both places at once.
-        fold(level.wrapping_sub(bias));
-        rebias(count, bias, slack as isize);
-    })
-}
-
-/// Empties the calling thread's count: pending 0, biased by `slack`.
-fn rebias(count: &Count, bias: isize, slack: isize) {
-    if bias != slack {
-        // Pending 0 under the old bias, then under the new one: a reader
-        // between the stores is off by `bias - slack` for an instant, as
-        // with any delta in flight. Relaxed: owner-only writes, see `record`.
-        count.level.store(bias, Relaxed);
-        count.bias.store(slack, Relaxed);
-    }
-    count.level.store(slack, Relaxed);
+    latch::observe(COUNT.with(|count| count.fold_into(&TOTAL, delta, slack)));
 }
 
 /// Adds `delta` to the shared total and lets the latch look at the result.
-#[inline]
 fn fold(delta: isize) {
-    // Relaxed is enough: `TOTAL` is a statistic. The latch's own
-    // compare-and-swap carries the ordering that the watchdog relies on.
-    let now = TOTAL.fetch_add(delta, Relaxed).wrapping_add(delta);
-    latch::observe(now);
+    latch::observe(count::add(&TOTAL, delta));
 }
 
 /// Lists the calling thread in the table and arranges for its removal at
@@ -222,10 +140,9 @@ fn register(slack: usize) {
         return;
     }
     COUNT.with(|count| {
-        // Pending 0 before anyone can see it. Relaxed: listing the count
-        // publishes these stores (a Release in `Registry::list`).
-        count.bias.store(slack as isize, Relaxed);
-        count.level.store(slack as isize, Relaxed);
+        // Pending 0 before anyone can see it; listing the count publishes
+        // it (a Release in `Registry::list`).
+        count.empty(slack);
         // SAFETY: `COUNT` stays valid until this thread's thread-local block
         // is freed, which happens after every thread-local destructor has
         // run, including `EntryRelease`'s, which retires the entry first.
@@ -236,8 +153,7 @@ fn register(slack: usize) {
             }
             None => {
                 // Table full: back outside every window, for good.
-                count.level.store(OUTSIDE, Relaxed);
-                count.bias.store(0, Relaxed);
+                count.close();
                 STATE.with(|s| s.set(DIRECT));
             }
         }
@@ -256,18 +172,15 @@ impl Drop for EntryRelease {
         let entry = ENTRY.with(|e| e.replace(usize::MAX));
         COUNT.with(|count| {
             if entry != usize::MAX {
-                // Fold first, then zero: a reader may briefly count the
-                // remainder twice, never lose it. Relaxed: owner-only
-                // writes, see `record`.
-                fold(count.pending());
-                count.level.store(count.bias.load(Relaxed), Relaxed);
+                // Fold first, then empty: a reader may briefly count the
+                // remainder twice, never lose it (see `count`).
+                latch::observe(count.drain_into(&TOTAL));
                 // Waits only for readers already summing (see `Registry`).
                 TABLE.retire(entry);
             }
             // Nobody can reach this count any more; every later call of
             // this thread misses the window and goes to `TOTAL`.
-            count.level.store(OUTSIDE, Relaxed);
-            count.bias.store(0, Relaxed);
+            count.close();
         });
     }
 }
@@ -279,10 +192,12 @@ impl Drop for EntryRelease {
 /// folding at that instant. Costs one load per table entry (256) and two
 /// per listed thread, no lock.
 pub(crate) fn live_bytes() -> isize {
-    // Relaxed: a statistic, see `record`.
-    let mut sum = TOTAL.load(Relaxed);
+    let mut sum: isize = 0;
     TABLE.for_each(|count| sum = sum.wrapping_add(count.pending()));
-    sum
+    // The total last, so that a fold racing with this reading is counted
+    // once or twice, never missed (see `count`). Relaxed: the Acquire loads
+    // in `pending` order it after them.
+    sum.wrapping_add(TOTAL.load(Relaxed))
 }
 
 /// The folded total alone, what the threshold check compares. Relaxed: a

@@ -100,10 +100,11 @@
 #![deny(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(clippy::undocumented_unsafe_blocks)]
-// Under `--cfg loom` only the latch and the registry are built, for their
+// Under `--cfg loom` only the count, the latch and the registry are built, for their
 // model checks.
 #![cfg_attr(loom, allow(dead_code, unused_imports))]
 
+mod count;
 mod latch;
 mod registry;
 
