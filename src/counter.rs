@@ -18,8 +18,9 @@
 //!   thread-locals are destroyed, or when all entries are taken) adds straight
 //!   to `TOTAL`.
 //!
-//! The exact reading is `TOTAL` plus every listed thread's pending delta. It is
-//! exact once threads are quiescent. The shared `TOTAL` alone, which the
+//! The exact reading is every listed thread's pending delta plus `TOTAL`, read
+//! in that order so that a racing fold is never missed (see [`crate::count`],
+//! which holds the word and its fold). It is exact once threads are quiescent. The shared `TOTAL` alone, which the
 //! threshold check sees, is off by at most `slack` per listed thread.
 //!
 //! Nothing on the allocation path allocates, locks, logs, panics or blocks.

@@ -23,7 +23,7 @@ use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, SeqCst};
 #[cfg(not(loom))]
 use std::sync::atomic::{AtomicBool, AtomicIsize};
 
-/// The latch's state. One instance per process (see [`LATCH`]).
+/// The latch's state. One instance per process (`LATCH`, below).
 pub(crate) struct Latch {
     /// The threshold in bytes; `isize::MAX` while the watchdog is off.
     threshold: AtomicIsize,

@@ -90,8 +90,9 @@
 //! definition; the wrapper forwards every call unchanged. Each thread's count
 //! lives in its own thread-local block, and readers reach it through a table
 //! whose exit protocol keeps every listed pointer valid while it is read
-//! (`src/registry.rs`, model-checked with `loom`). Each `unsafe` block says
-//! why it is sound.
+//! (`src/registry.rs`, model-checked with `loom`, as are the fold of a
+//! thread's count in `src/count.rs` and the latch). Each `unsafe` block
+//! says why it is sound.
 //!
 //! # MSRV
 //!
@@ -100,8 +101,8 @@
 #![deny(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(clippy::undocumented_unsafe_blocks)]
-// Under `--cfg loom` only the count, the latch and the registry are built, for their
-// model checks.
+// Under `--cfg loom` only the count, the latch and the registry are built,
+// for their model checks.
 #![cfg_attr(loom, allow(dead_code, unused_imports))]
 
 mod count;
