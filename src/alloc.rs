@@ -71,6 +71,20 @@ impl<A> MemWatch<A> {
 // `Layout::size()` is at most `isize::MAX`, so the `as isize` casts below are
 // lossless; the realloc difference of two such sizes cannot overflow either.
 //
+// Each method counts first and then hands the call to the inner allocator as
+// its last act. Compiled into `__rust_alloc` and friends, that last act is a
+// jump, not a call: no stack frame, no register saved across the call, no
+// return through this function. Counting after the call instead (to count
+// only what succeeded) costs a real program a third more per small
+// allocation and free than bare jemalloc; counting first costs about 5% (see
+// docs/benchmarks.md). The price: an allocation or growth that the inner
+// allocator refuses has been counted anyway. Only calls that stay within the
+// thread's slack window count first, so each such error is at most twice the
+// slack, and an allocator refuses such small requests only when the kernel
+// has no memory to give; calls outside the window (every request larger than
+// twice the slack among them) take the cold path, which counts only what
+// succeeded.
+//
 // SAFETY: every method forwards to the inner allocator with the caller's
 // arguments unchanged and returns its result unchanged, so `MemWatch` upholds
 // `GlobalAlloc`'s contract exactly when `A` does. Counting touches only
@@ -79,36 +93,98 @@ impl<A> MemWatch<A> {
 unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for MemWatch<A> {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: the caller upholds `alloc`'s contract for `layout`.
-        let ptr = unsafe { self.inner.alloc(layout) };
-        if !ptr.is_null() {
-            counter::record(layout.size() as isize, self.slack, note_inner::<A>);
+        if counter::try_record(layout.size() as isize, self.slack) {
+            // SAFETY: the caller upholds `alloc`'s contract for `layout`.
+            unsafe { self.inner.alloc(layout) }
+        } else {
+            // SAFETY: as above.
+            unsafe { self.alloc_cold(layout, false) }
         }
-        ptr
     }
 
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: the caller upholds `alloc_zeroed`'s contract for `layout`.
-        let ptr = unsafe { self.inner.alloc_zeroed(layout) };
+        if counter::try_record(layout.size() as isize, self.slack) {
+            // SAFETY: the caller upholds `alloc_zeroed`'s contract for
+            // `layout`.
+            unsafe { self.inner.alloc_zeroed(layout) }
+        } else {
+            // SAFETY: as above.
+            unsafe { self.alloc_cold(layout, true) }
+        }
+    }
+
+    #[inline]
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        if counter::try_record_free(layout.size()) {
+            // SAFETY: the caller guarantees `ptr` came from this allocator
+            // (hence from `inner`, since every method forwards) with
+            // `layout`.
+            unsafe { self.inner.dealloc(ptr, layout) }
+        } else {
+            // SAFETY: as above.
+            unsafe { self.dealloc_cold(ptr, layout) }
+        }
+    }
+
+    #[inline]
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let delta = new_size as isize - layout.size() as isize;
+        if counter::try_record(delta, self.slack) {
+            // SAFETY: the caller upholds `realloc`'s contract; `ptr` came
+            // from `inner` as in `dealloc`.
+            unsafe { self.inner.realloc(ptr, layout, new_size) }
+        } else {
+            // SAFETY: as above.
+            unsafe { self.realloc_cold(ptr, layout, new_size) }
+        }
+    }
+}
+
+// The cold paths: the call falls outside the thread's slack window (a fold
+// is due, the request is large, or the thread has no table entry yet). Each
+// calls the inner allocator first and counts only what succeeded. They are
+// never inlined, so that the fast paths above stay a count and a jump.
+impl<A: GlobalAlloc + 'static> MemWatch<A> {
+    /// # Safety
+    ///
+    /// As [`GlobalAlloc::alloc`] (or `alloc_zeroed` if `zeroed`).
+    #[cold]
+    #[inline(never)]
+    unsafe fn alloc_cold(&self, layout: Layout, zeroed: bool) -> *mut u8 {
+        // SAFETY: the caller upholds the contract for `layout`.
+        let ptr = unsafe {
+            if zeroed {
+                self.inner.alloc_zeroed(layout)
+            } else {
+                self.inner.alloc(layout)
+            }
+        };
         if !ptr.is_null() {
             counter::record(layout.size() as isize, self.slack, note_inner::<A>);
         }
         ptr
     }
 
-    #[inline]
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: the caller guarantees `ptr` came from this allocator (hence
-        // from `inner`, since every method forwards) with `layout`.
-        unsafe { self.inner.dealloc(ptr, layout) };
+    /// # Safety
+    ///
+    /// As [`GlobalAlloc::dealloc`].
+    #[cold]
+    #[inline(never)]
+    unsafe fn dealloc_cold(&self, ptr: *mut u8, layout: Layout) {
         counter::record_free(layout.size(), self.slack, note_inner::<A>);
+        // SAFETY: the caller guarantees `ptr` came from `inner` with
+        // `layout`.
+        unsafe { self.inner.dealloc(ptr, layout) }
     }
 
-    #[inline]
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: the caller upholds `realloc`'s contract; `ptr` came from
-        // `inner` as in `dealloc`.
+    /// # Safety
+    ///
+    /// As [`GlobalAlloc::realloc`].
+    #[cold]
+    #[inline(never)]
+    unsafe fn realloc_cold(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: the caller upholds `realloc`'s contract.
         let new = unsafe { self.inner.realloc(ptr, layout, new_size) };
         // A null result leaves the old block allocated: nothing changed.
         if !new.is_null() {

@@ -82,26 +82,37 @@ thread_local! {
     static RELEASE: EntryRelease = const { EntryRelease };
 }
 
-/// Records `delta` bytes for the calling thread. `slack` is the batching
-/// bound: pending deltas whose magnitude passes it are folded. `on_register`
-/// runs once per thread, when the thread is first listed.
-///
-/// `on_register` is a generic (usually zero-sized) function rather than a
-/// pointer so that the call to the cold path passes two words, not three:
-/// the fewer registers the hot path must keep alive around it, the less it
-/// costs the caller's loop.
+/// The fast path: counts `delta` bytes for the calling thread if its pending
+/// delta stays within `slack`, and returns whether it did. If not, nothing
+/// changed and the caller goes to its cold path, which calls [`record`].
 #[inline(always)]
+pub(crate) fn try_record(delta: isize, slack: usize) -> bool {
+    COUNT.with(|count| count.add(delta, slack))
+}
+
+/// [`try_record`] for a free of `size` bytes, one instruction shorter (see
+/// [`Count::take`]).
+#[inline(always)]
+pub(crate) fn try_record_free(size: usize) -> bool {
+    COUNT.with(|count| count.take(size))
+}
+
+/// Records `delta` bytes for the calling thread, folding if the fast path
+/// cannot take it. `slack` is the batching bound: pending deltas whose
+/// magnitude passes it are folded. `on_register` runs once per thread, when
+/// the thread is first listed; it is a generic (usually zero-sized) function
+/// rather than a pointer, so the call passes two words, not three.
+#[inline]
 pub(crate) fn record<R: Fn()>(delta: isize, slack: usize, on_register: R) {
-    if !COUNT.with(|count| count.add(delta, slack)) {
+    if !try_record(delta, slack) {
         record_cold(delta, slack, on_register);
     }
 }
 
-/// [`record`] for a free of `size` bytes, one instruction shorter (see
-/// [`Count::take`]).
-#[inline(always)]
+/// [`record`] for a free of `size` bytes.
+#[inline]
 pub(crate) fn record_free<R: Fn()>(size: usize, slack: usize, on_register: R) {
-    if !COUNT.with(|count| count.take(size)) {
+    if !try_record_free(size) {
         record_cold((size as isize).wrapping_neg(), slack, on_register);
     }
 }

@@ -10,7 +10,7 @@ use std::thread;
 use parking_lot::Mutex;
 
 use crate::counter;
-use crate::MemWatch;
+use crate::{MemWatch, DEFAULT_SLACK};
 
 static LOCK: Mutex<()> = Mutex::new(());
 
@@ -233,16 +233,19 @@ fn threads_beyond_the_table_count_exactly_through_the_shared_total() {
     assert_eq!(counter::threads_with_slots(), 0);
 }
 
-#[test]
-fn null_from_the_inner_allocator_counts_nothing() {
-    struct Refuse;
-    // SAFETY: never hands out memory, so there is nothing to misuse.
-    unsafe impl GlobalAlloc for Refuse {
-        unsafe fn alloc(&self, _: Layout) -> *mut u8 {
-            std::ptr::null_mut()
-        }
-        unsafe fn dealloc(&self, _: *mut u8, _: Layout) {}
+/// An inner allocator that refuses every request.
+struct Refuse;
+
+// SAFETY: never hands out memory, so there is nothing to misuse.
+unsafe impl GlobalAlloc for Refuse {
+    unsafe fn alloc(&self, _: Layout) -> *mut u8 {
+        std::ptr::null_mut()
     }
+    unsafe fn dealloc(&self, _: *mut u8, _: Layout) {}
+}
+
+#[test]
+fn with_no_slack_a_refused_request_counts_nothing() {
     let _g = LOCK.lock();
     let a = MemWatch::new(Refuse).with_slack(0);
     let before = counter::live_bytes();
@@ -253,6 +256,38 @@ fn null_from_the_inner_allocator_counts_nothing() {
         assert!(a.alloc_zeroed(layout).is_null());
     }
     assert_eq!(counter::live_bytes(), before);
+}
+
+/// Calls within the slack window count before the inner allocator runs (so
+/// that the wrapper ends in a jump); a refusal of such a call stays counted,
+/// the documented error. Anything larger than twice the slack is counted
+/// only once it succeeded.
+#[test]
+fn a_refused_request_stays_counted_only_within_the_slack_window() {
+    static COUNTED: MemWatch<System> = MemWatch::new(System);
+    let _g = LOCK.lock();
+    thread::spawn(|| {
+        // List this thread, with the default slack, through an allocator
+        // that succeeds.
+        free(&COUNTED, alloc(&COUNTED, 16));
+        let a = MemWatch::new(Refuse);
+        let before = counter::live_bytes();
+        let large = Layout::from_size_align(2 * DEFAULT_SLACK + 1, 8).unwrap();
+        let small = Layout::from_size_align(4096, 8).unwrap();
+        // SAFETY: non-zero sizes; the results are null and never used.
+        unsafe {
+            assert!(a.alloc(large).is_null());
+            assert!(a.alloc_zeroed(large).is_null());
+            assert_eq!(counter::live_bytes(), before, "a refused large request");
+            assert!(a.alloc(small).is_null());
+            assert_eq!(counter::live_bytes(), before + 4096, "a refused small one");
+        }
+        // Take the documented error back out, so later tests start even.
+        counter::record(-4096, DEFAULT_SLACK, || {});
+        assert_eq!(counter::live_bytes(), before);
+    })
+    .join()
+    .unwrap();
 }
 
 #[test]
