@@ -4,6 +4,8 @@
 //! and chart in docs/benchmarks.md.
 
 use std::alloc::{GlobalAlloc, Layout};
+
+use common::Global;
 use std::hint::black_box;
 use std::sync::{mpsc, Arc, Barrier};
 use std::thread;
@@ -19,17 +21,13 @@ const THREADS: [usize; 4] = [1, 2, 4, 8];
 
 /// A workload, run `iters` times against one allocator.
 trait Work {
-    fn run<A: GlobalAlloc>(a: &A, iters: u64);
+    fn run<A: Global>(a: &A, iters: u64);
 }
 
 /// Runs `W` on `threads` threads started together; returns the wall time of
 /// the slowest, so the figure is time per iteration per thread while all of
 /// them run.
-fn on_threads<W: Work, A: GlobalAlloc + Sync + 'static>(
-    threads: usize,
-    iters: u64,
-    a: &'static A,
-) -> Duration {
+fn on_threads<W: Work, A: Global>(threads: usize, iters: u64, a: &'static A) -> Duration {
     let barrier = Arc::new(Barrier::new(threads));
     let handles: Vec<_> = (0..threads)
         .map(|_| {
@@ -51,7 +49,7 @@ fn on_threads<W: Work, A: GlobalAlloc + Sync + 'static>(
         .unwrap()
 }
 
-fn add<W: Work, A: GlobalAlloc + Sync + 'static>(
+fn add<W: Work, A: Global>(
     g: &mut BenchmarkGroup<'_, WallTime>,
     threads: usize,
     name: &str,
@@ -72,8 +70,8 @@ fn group<W: Work>(c: &mut Criterion, label: &str, threads: usize) {
 struct Pair<const SIZE: usize>;
 
 impl<const SIZE: usize> Work for Pair<SIZE> {
-    fn run<A: GlobalAlloc>(a: &A, iters: u64) {
-        common::pairs::<SIZE, _>(a, iters);
+    fn run<A: Global>(_: &A, iters: u64) {
+        common::pairs::<SIZE, A>(iters);
     }
 }
 
@@ -95,7 +93,7 @@ fn pairs(c: &mut Criterion) {
 struct ReallocGrowth;
 
 impl Work for ReallocGrowth {
-    fn run<A: GlobalAlloc>(a: &A, iters: u64) {
+    fn run<A: Global>(a: &A, iters: u64) {
         for _ in 0..iters {
             let mut layout = Layout::from_size_align(8, 8).unwrap();
             // SAFETY: each realloc passes the block's current layout; the
@@ -118,7 +116,7 @@ impl Work for ReallocGrowth {
 struct Batch;
 
 impl Work for Batch {
-    fn run<A: GlobalAlloc>(a: &A, iters: u64) {
+    fn run<A: Global>(a: &A, iters: u64) {
         let layout = Layout::from_size_align(64, 8).unwrap();
         let mut ptrs = [std::ptr::null_mut(); 64];
         for _ in 0..iters {

@@ -7,16 +7,15 @@
 //! pair, start-up excluded. Writes `target/criterion/memwatch-instructions.json`.
 //! With `--test`, or without valgrind, it runs each child once natively.
 
-use std::alloc::GlobalAlloc;
 use std::process::Command;
 
 #[macro_use]
 mod common;
 
 fn child(which: &str, n: u64) {
-    fn maybe<A: GlobalAlloc>(which: &str, n: u64, name: &str, a: &A) {
+    fn maybe<A: common::Global>(which: &str, n: u64, name: &str, _: &A) {
         if which == name {
-            common::pairs::<16, _>(a, n);
+            common::pairs::<16, A>(n);
         }
     }
     for_each_allocator!(maybe, (which, n));

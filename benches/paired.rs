@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering::AcqRel, Ordering::Acquire, Orderi
 use std::sync::Arc;
 use std::thread;
 
+use common::Global;
 use memwatch::Jemalloc;
 use std::time::{Duration, Instant};
 
@@ -59,7 +60,7 @@ impl SpinBarrier {
 /// itself placed elsewhere shows how much the ratio moves when only the
 /// address of the loop changes.
 #[inline(never)]
-fn placed<const SIZE: usize, const PAD: usize, A: GlobalAlloc>(a: &A, n: u64) {
+fn placed<const SIZE: usize, const PAD: usize, A: Global>(_: &A, n: u64) {
     #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
     if PAD > 0 {
         // SAFETY: `PAD` one-byte no-ops (0x90 on x86), run once: no memory,
@@ -72,7 +73,14 @@ fn placed<const SIZE: usize, const PAD: usize, A: GlobalAlloc>(a: &A, n: u64) {
             )
         };
     }
-    common::pairs::<SIZE, _>(a, n);
+    common::pairs::<SIZE, A>(n);
+}
+
+/// [`placed`] with the allocator's methods inlined into the loop instead of
+/// called as a program calls them (see `common::pairs_inlined`).
+#[inline(never)]
+fn inlined<const SIZE: usize, A: GlobalAlloc>(a: &A, n: u64) {
+    common::pairs_inlined::<SIZE, _>(a, n);
 }
 
 /// A timed chunk's loop: [`placed`] for one allocator type and placement.
@@ -151,7 +159,7 @@ where
 fn chunk<const SIZE: usize>() -> u64 {
     let probe = 10_000;
     let start = Instant::now();
-    common::pairs::<SIZE, _>(&common::JEMALLOC, probe);
+    common::pairs::<SIZE, Jemalloc>(probe);
     let per_pair = start.elapsed().as_secs_f64() / probe as f64;
     ((2.5e-4 / per_pair) as u64).clamp(1_000, 1_000_000)
 }
@@ -176,7 +184,7 @@ fn workload<const SIZE: usize>(threads: usize, n_rounds: usize, rows: &mut Vec<S
             "\"{who}\": {{\"median\": {med:.4}, \"p10\": {p10:.4}, \"p90\": {p90:.4}}}"
         ));
     };
-    fn run<const SIZE: usize, O: GlobalAlloc + Sync>(
+    fn run<const SIZE: usize, O: Global>(
         one: &mut dyn FnMut(&str, Vec<f64>),
         threads: usize,
         n: u64,
@@ -221,6 +229,21 @@ fn workload<const SIZE: usize>(threads: usize, n_rounds: usize, rows: &mut Vec<S
             rounds(j, m, &runs, threads, n, n_rounds),
         );
     }
+    // Both with the allocator's methods inlined into the loop: the counting
+    // alone, without the call a program makes around it.
+    let runs: [(Run<Jemalloc>, Run<memwatch::MemWatch<Jemalloc>>); 1] =
+        [(inlined::<SIZE, _>, inlined::<SIZE, _>)];
+    one(
+        "memwatch-jemalloc-inlined",
+        rounds(
+            &common::JEMALLOC,
+            &common::MEMWATCH_JEMALLOC,
+            &runs,
+            threads,
+            n,
+            n_rounds,
+        ),
+    );
     rows.push(format!("\"{name}\": {{{}}}", cells.join(", ")));
 }
 

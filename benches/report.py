@@ -108,7 +108,8 @@ def paired():
     rows = json.load(open(path))
     cols = [a for a in ORDER if a != "jemalloc"]
     # The placement control: bare jemalloc against itself, its loop moved.
-    head = cols + ["memwatch-jemalloc, 4 placements", "jemalloc, loop moved %s B" % "/".join(str(m) for m in MOVES)]
+    head = cols + ["memwatch-jemalloc, 4 placements", "jemalloc, loop moved %s B" % "/".join(str(m) for m in MOVES),
+                   "memwatch-jemalloc, inlined"]
     lines = ["| workload | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     for g in sorted(rows, key=group_key):
         r = rows[g]
@@ -120,6 +121,8 @@ def paired():
         cells.append("%.3fx (%.2f–%.2f)" % (c["median"], c["p10"], c["p90"]) if c else "-")
         moved = [r.get("jemalloc+%dB" % pad) for pad in MOVES]
         cells.append(" / ".join("%.3fx" % c["median"] if c else "-" for c in moved))
+        c = r.get("memwatch-jemalloc-inlined")
+        cells.append("%.3fx (%.2f–%.2f)" % (c["median"], c["p10"], c["p90"]) if c else "-")
         lines.append("| %s | %s |" % (g, " | ".join(cells)))
     return "\n".join(lines)
 

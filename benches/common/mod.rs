@@ -74,10 +74,75 @@ macro_rules! for_each_allocator {
     }};
 }
 
-/// `n` alloc+free pairs of `SIZE` bytes: the small-block workload of every
-/// pair bench.
+/// An allocator under test as a program reaches its `#[global_allocator]`:
+/// through a static, so that what the wrapper reads of itself (memwatch's
+/// slack) is a constant, as it is in a real binary.
+pub trait Global: GlobalAlloc + Sync + 'static {
+    fn get() -> &'static Self;
+}
+
+macro_rules! global {
+    ($($ty:ty => $static:ident),* $(,)?) => {
+        $(impl Global for $ty {
+            fn get() -> &'static Self {
+                &$static
+            }
+        })*
+    };
+}
+
+global! {
+    System => SYSTEM,
+    Jemalloc => JEMALLOC,
+    MemWatch<Jemalloc> => MEMWATCH_JEMALLOC,
+    MemWatch<System> => MEMWATCH_SYSTEM,
+    cap::Cap<Jemalloc> => CAP_JEMALLOC,
+    SharedAtomic<Jemalloc> => ATOMIC_JEMALLOC,
+}
+
+/// What rustc generates as `__rust_alloc` for a `#[global_allocator]`: a
+/// function of its own that every allocation in the program calls, with
+/// the allocator's `alloc` inlined into it.
+///
+/// # Safety
+///
+/// As `GlobalAlloc::alloc`, with `size` and `align` a valid non-zero layout.
+#[inline(never)]
+pub unsafe fn rust_alloc<A: Global>(size: usize, align: usize) -> *mut u8 {
+    // SAFETY: the caller passes a valid layout.
+    unsafe { A::get().alloc(Layout::from_size_align_unchecked(size, align)) }
+}
+
+/// What rustc generates as `__rust_dealloc`; see [`rust_alloc`].
+///
+/// # Safety
+///
+/// As `GlobalAlloc::dealloc`.
+#[inline(never)]
+pub unsafe fn rust_dealloc<A: Global>(ptr: *mut u8, size: usize, align: usize) {
+    // SAFETY: the caller passes a block of `A` with its layout.
+    unsafe { A::get().dealloc(ptr, Layout::from_size_align_unchecked(size, align)) }
+}
+
+/// `n` alloc+free pairs of `SIZE` bytes, each call through [`rust_alloc`]
+/// and [`rust_dealloc`], as a program makes them: the small-block workload
+/// of every pair bench.
 #[inline]
-pub fn pairs<const SIZE: usize, A: GlobalAlloc>(a: &A, n: u64) {
+pub fn pairs<const SIZE: usize, A: Global>(n: u64) {
+    for _ in 0..n {
+        // SAFETY: non-zero size; freed with the same layout and allocator.
+        unsafe {
+            let p = rust_alloc::<A>(SIZE, 8);
+            black_box(p);
+            rust_dealloc::<A>(p, SIZE, 8);
+        }
+    }
+}
+
+/// [`pairs`] with the allocator's methods inlined into the loop, as no
+/// program calls them: the wrapper's cost without the call around it.
+#[inline]
+pub fn pairs_inlined<const SIZE: usize, A: GlobalAlloc>(a: &A, n: u64) {
     let layout = Layout::from_size_align(SIZE, 8).unwrap();
     for _ in 0..n {
         // SAFETY: non-zero size; freed with the same layout and allocator.
