@@ -73,7 +73,10 @@
 //! came and went. The threshold check sees the folded total, which is off by
 //! at most the slack for each thread that is allocating: with the default
 //! 4 MiB slack and 16 busy threads, the trip can come up to 64 MiB early or
-//! late. [`MemWatch::with_slack`] trades speed for a tighter bound. Counted are
+//! late. [`MemWatch::with_slack`] trades speed for a tighter bound. A small
+//! request (up to twice the slack) that the inner allocator refuses stays
+//! counted, because the count comes before the call; allocators refuse such
+//! requests only when the kernel gives them no memory. Counted are
 //! the sizes Rust code asks for; jemalloc's size-class rounding, its metadata,
 //! memory that C libraries `malloc` directly, `mmap` and thread stacks are
 //! not. See `docs/design.md`.
