@@ -20,8 +20,13 @@
 //!
 //! The exact reading is every listed thread's pending delta plus `TOTAL`, read
 //! in that order so that a racing fold is never missed (see [`crate::count`],
-//! which holds the word and its fold). It is exact once threads are quiescent. The shared `TOTAL` alone, which the
-//! threshold check sees, is off by at most `slack` per listed thread.
+//! which holds the word and its fold). It is exact once threads are
+//! quiescent. The shared `TOTAL` alone, which the threshold check sees, is
+//! off by at most `slack` per listed thread.
+//!
+//! The wrapper ([`crate::MemWatch`]) calls [`try_record`] or
+//! [`try_record_free`] before it calls the inner allocator, and its cold path
+//! [`record`] or [`record_free`] after.
 //!
 //! Nothing on the allocation path allocates, locks, logs, panics or blocks.
 //! Only an exiting thread's destructor waits, for readers that hold no lock
