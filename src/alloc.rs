@@ -98,7 +98,7 @@ unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for MemWatch<A> {
             unsafe { self.inner.alloc(layout) }
         } else {
             // SAFETY: as above.
-            unsafe { self.alloc_cold(layout, false) }
+            unsafe { Self::alloc_cold(layout, false, self) }
         }
     }
 
@@ -110,7 +110,7 @@ unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for MemWatch<A> {
             unsafe { self.inner.alloc_zeroed(layout) }
         } else {
             // SAFETY: as above.
-            unsafe { self.alloc_cold(layout, true) }
+            unsafe { Self::alloc_cold(layout, true, self) }
         }
     }
 
@@ -123,7 +123,7 @@ unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for MemWatch<A> {
             unsafe { self.inner.dealloc(ptr, layout) }
         } else {
             // SAFETY: as above.
-            unsafe { self.dealloc_cold(ptr, layout) }
+            unsafe { Self::dealloc_cold(ptr, layout, self) }
         }
     }
 
@@ -136,7 +136,7 @@ unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for MemWatch<A> {
             unsafe { self.inner.realloc(ptr, layout, new_size) }
         } else {
             // SAFETY: as above.
-            unsafe { self.realloc_cold(ptr, layout, new_size) }
+            unsafe { Self::realloc_cold(ptr, layout, new_size, self) }
         }
     }
 }
@@ -151,17 +151,17 @@ impl<A: GlobalAlloc + 'static> MemWatch<A> {
     /// As [`GlobalAlloc::alloc`] (or `alloc_zeroed` if `zeroed`).
     #[cold]
     #[inline(never)]
-    unsafe fn alloc_cold(&self, layout: Layout, zeroed: bool) -> *mut u8 {
+    unsafe fn alloc_cold(layout: Layout, zeroed: bool, this: &Self) -> *mut u8 {
         // SAFETY: the caller upholds the contract for `layout`.
         let ptr = unsafe {
             if zeroed {
-                self.inner.alloc_zeroed(layout)
+                this.inner.alloc_zeroed(layout)
             } else {
-                self.inner.alloc(layout)
+                this.inner.alloc(layout)
             }
         };
         if !ptr.is_null() {
-            counter::record(layout.size() as isize, self.slack, note_inner::<A>);
+            counter::record(layout.size() as isize, this.slack, note_inner::<A>);
         }
         ptr
     }
@@ -171,11 +171,11 @@ impl<A: GlobalAlloc + 'static> MemWatch<A> {
     /// As [`GlobalAlloc::dealloc`].
     #[cold]
     #[inline(never)]
-    unsafe fn dealloc_cold(&self, ptr: *mut u8, layout: Layout) {
-        counter::record_free(layout.size(), self.slack, note_inner::<A>);
+    unsafe fn dealloc_cold(ptr: *mut u8, layout: Layout, this: &Self) {
+        counter::record_free(layout.size(), this.slack, note_inner::<A>);
         // SAFETY: the caller guarantees `ptr` came from `inner` with
         // `layout`.
-        unsafe { self.inner.dealloc(ptr, layout) }
+        unsafe { this.inner.dealloc(ptr, layout) }
     }
 
     /// # Safety
@@ -183,14 +183,14 @@ impl<A: GlobalAlloc + 'static> MemWatch<A> {
     /// As [`GlobalAlloc::realloc`].
     #[cold]
     #[inline(never)]
-    unsafe fn realloc_cold(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+    unsafe fn realloc_cold(ptr: *mut u8, layout: Layout, new_size: usize, this: &Self) -> *mut u8 {
         // SAFETY: the caller upholds `realloc`'s contract.
-        let new = unsafe { self.inner.realloc(ptr, layout, new_size) };
+        let new = unsafe { this.inner.realloc(ptr, layout, new_size) };
         // A null result leaves the old block allocated: nothing changed.
         if !new.is_null() {
             counter::record(
                 new_size as isize - layout.size() as isize,
-                self.slack,
+                this.slack,
                 note_inner::<A>,
             );
         }
