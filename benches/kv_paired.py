@@ -72,17 +72,21 @@ def pair_median(base, other, rounds):
     a, b = Churn(base), Churn(other)
     a.wait_ready()
     b.wait_ready()
-    ratios = []
+    ratios, base_ns = [], []
     for i in range(rounds):
         if i % 2 == 0:
             t_base, t_other = a.run(OPS), b.run(OPS)
         else:
             t_other, t_base = b.run(OPS), a.run(OPS)
         ratios.append(t_other / t_base)
+        base_ns.append(t_base)
     a.close()
     b.close()
-    ratios.sort()
-    return ratios[len(ratios) // 2], t_base
+    return median(ratios), median(base_ns)
+
+
+def median(xs):
+    return sorted(xs)[len(xs) // 2]
 
 
 def main():
@@ -108,7 +112,7 @@ def main():
         results[label] = {"ratio": geo, "ci_low": math.exp(mean - half), "ci_high": math.exp(mean + half),
                           "low": min(medians), "high": max(medians),
                           "pairs": pairs, "rounds": rounds, "ops": OPS,
-                          "base_ms": sorted(base_ns)[len(base_ns) // 2] / 1e6}
+                          "base_ms": median(base_ns) / 1e6}
         print("%-18s %.3fx (90%% interval %.3f-%.3f; pairs %.3f-%.3f)" % (
             label, geo, math.exp(mean - half), math.exp(mean + half), min(medians), max(medians)))
     os.makedirs(os.path.dirname(OUT), exist_ok=True)
