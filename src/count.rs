@@ -130,7 +130,7 @@ impl Count {
         let bias = self.bias.load(Relaxed);
         let level = self.level.load(Relaxed).wrapping_add(delta);
         // Fold, fence, then empty: see "Atomic orderings".
-        let now = add(total, level.wrapping_sub(bias));
+        let now = add_to(total, level.wrapping_sub(bias));
         fence(Release);
         self.empty(slack);
         now
@@ -139,7 +139,7 @@ impl Count {
     /// Moves what is pending into `total` and empties the count under its
     /// current bias, for an exiting thread. Returns the new total.
     pub(crate) fn drain_into(&self, total: &AtomicIsize) -> isize {
-        let now = add(total, self.pending());
+        let now = add_to(total, self.pending());
         // Fold, fence, then empty: see "Atomic orderings". Relaxed: an
         // owner-only word.
         fence(Release);
@@ -177,7 +177,7 @@ impl Count {
 /// statistic; the Release fence that follows every fold of a count, and the
 /// latch's own compare-and-swap, carry the orderings that matter.
 #[inline]
-pub(crate) fn add(total: &AtomicIsize, delta: isize) -> isize {
+pub(crate) fn add_to(total: &AtomicIsize, delta: isize) -> isize {
     total.fetch_add(delta, Relaxed).wrapping_add(delta)
 }
 

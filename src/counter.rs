@@ -140,7 +140,7 @@ fn record_cold<R: Fn()>(delta: isize, slack: usize, on_register: R) {
 
 /// Adds `delta` to the shared total and lets the latch look at the result.
 fn fold(delta: isize) {
-    latch::observe(count::add(&TOTAL, delta));
+    latch::observe(count::add_to(&TOTAL, delta));
 }
 
 /// Lists the calling thread in the table and arranges for its removal at
