@@ -3,6 +3,8 @@
 use std::alloc::{GlobalAlloc, Layout};
 
 use crate::counter::{self, DEFAULT_SLACK, MAX_SLACK};
+#[cfg(all(feature = "jemalloc", target_pointer_width = "64"))]
+use crate::jemalloc_count as je;
 use crate::stats;
 
 /// The inner allocator used when none is named: jemalloc with the `jemalloc`
@@ -93,6 +95,16 @@ impl<A> MemWatch<A> {
 unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for MemWatch<A> {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        #[cfg(all(feature = "jemalloc", target_pointer_width = "64"))]
+        if self.jemalloc_counts() {
+            return if je::listed() {
+                // SAFETY: the caller upholds `alloc`'s contract for `layout`.
+                unsafe { self.inner.alloc(layout) }
+            } else {
+                // SAFETY: as above.
+                unsafe { Self::alloc_unlisted(layout, false, self) }
+            };
+        }
         if counter::try_record(layout.size() as isize, self.slack) {
             // SAFETY: the caller upholds `alloc`'s contract for `layout`.
             unsafe { self.inner.alloc(layout) }
@@ -104,6 +116,16 @@ unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for MemWatch<A> {
 
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        #[cfg(all(feature = "jemalloc", target_pointer_width = "64"))]
+        if self.jemalloc_counts() {
+            return if je::listed() {
+                // SAFETY: the caller upholds `alloc_zeroed`'s contract.
+                unsafe { self.inner.alloc_zeroed(layout) }
+            } else {
+                // SAFETY: as above.
+                unsafe { Self::alloc_unlisted(layout, true, self) }
+            };
+        }
         if counter::try_record(layout.size() as isize, self.slack) {
             // SAFETY: the caller upholds `alloc_zeroed`'s contract for
             // `layout`.
@@ -116,6 +138,17 @@ unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for MemWatch<A> {
 
     #[inline]
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        #[cfg(all(feature = "jemalloc", target_pointer_width = "64"))]
+        if self.jemalloc_counts() {
+            return if je::listed() {
+                // SAFETY: the caller guarantees `ptr` came from this
+                // allocator, hence from `inner`, with `layout`.
+                unsafe { self.inner.dealloc(ptr, layout) }
+            } else {
+                // SAFETY: as above.
+                unsafe { Self::dealloc_unlisted(ptr, layout, self) }
+            };
+        }
         if counter::try_record_free(layout.size()) {
             // SAFETY: the caller guarantees `ptr` came from this allocator
             // (hence from `inner`, since every method forwards) with
@@ -129,6 +162,17 @@ unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for MemWatch<A> {
 
     #[inline]
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        #[cfg(all(feature = "jemalloc", target_pointer_width = "64"))]
+        if self.jemalloc_counts() {
+            return if je::listed() {
+                // SAFETY: the caller upholds `realloc`'s contract; `ptr`
+                // came from `inner` as in `dealloc`.
+                unsafe { self.inner.realloc(ptr, layout, new_size) }
+            } else {
+                // SAFETY: as above.
+                unsafe { Self::realloc_unlisted(ptr, layout, new_size, self) }
+            };
+        }
         let delta = new_size as isize - layout.size() as isize;
         if counter::try_record(delta, self.slack) {
             // SAFETY: the caller upholds `realloc`'s contract; `ptr` came
@@ -195,6 +239,90 @@ impl<A: GlobalAlloc + 'static> MemWatch<A> {
                 this.slack,
                 note_inner::<A>,
             );
+        }
+        new
+    }
+}
+
+// Over jemalloc, jemalloc counts (see `jemalloc_count`): the fast paths
+// above only check that it does so for the calling thread. The calls of a
+// thread it does not count (not yet registered, exiting, or without a table
+// entry) come here and count the usable size of the block themselves.
+#[cfg(all(feature = "jemalloc", target_pointer_width = "64"))]
+impl<A: GlobalAlloc + 'static> MemWatch<A> {
+    /// Whether jemalloc's own counters count this allocator's calls: `A` is
+    /// jemalloc and the slack is at least jemalloc's callback interval
+    /// (64 KiB), so the threshold check stays within the slack. In a
+    /// `static` both are constants, and the compiler keeps one path.
+    #[inline(always)]
+    fn jemalloc_counts(&self) -> bool {
+        std::any::TypeId::of::<A>() == std::any::TypeId::of::<tikv_jemallocator::Jemalloc>()
+            && self.slack >= je::EVENT_BYTES
+    }
+
+    /// # Safety
+    ///
+    /// As [`GlobalAlloc::alloc`] (or `alloc_zeroed` if `zeroed`).
+    #[cold]
+    #[inline(never)]
+    unsafe fn alloc_unlisted(layout: Layout, zeroed: bool, this: &Self) -> *mut u8 {
+        stats::note_jemalloc_inner();
+        let listed = je::register_or_direct();
+        // SAFETY: the caller upholds the contract for `layout`.
+        let ptr = unsafe {
+            if zeroed {
+                this.inner.alloc_zeroed(layout)
+            } else {
+                this.inner.alloc(layout)
+            }
+        };
+        if !listed && !ptr.is_null() {
+            // SAFETY: `ptr` is a live block of `inner`, which is jemalloc.
+            unsafe { je::count_block(ptr, 1) };
+        }
+        ptr
+    }
+
+    /// # Safety
+    ///
+    /// As [`GlobalAlloc::dealloc`].
+    #[cold]
+    #[inline(never)]
+    unsafe fn dealloc_unlisted(ptr: *mut u8, layout: Layout, this: &Self) {
+        if !je::register_or_direct() {
+            // SAFETY: the caller guarantees `ptr` is a live block of
+            // `inner`, which is jemalloc.
+            unsafe { je::count_block(ptr, -1) };
+        }
+        // SAFETY: the caller guarantees `ptr` came from `inner` with
+        // `layout`.
+        unsafe { this.inner.dealloc(ptr, layout) }
+    }
+
+    /// # Safety
+    ///
+    /// As [`GlobalAlloc::realloc`].
+    #[cold]
+    #[inline(never)]
+    unsafe fn realloc_unlisted(
+        ptr: *mut u8,
+        layout: Layout,
+        new_size: usize,
+        this: &Self,
+    ) -> *mut u8 {
+        if je::register_or_direct() {
+            // SAFETY: the caller upholds `realloc`'s contract.
+            return unsafe { this.inner.realloc(ptr, layout, new_size) };
+        }
+        // SAFETY: the caller guarantees `ptr` is a live block of `inner`,
+        // which is jemalloc.
+        let old = unsafe { je::usable_size(ptr) };
+        // SAFETY: the caller upholds `realloc`'s contract.
+        let new = unsafe { this.inner.realloc(ptr, layout, new_size) };
+        // A null result leaves the old block allocated: nothing changed.
+        if !new.is_null() {
+            // SAFETY: `new` is a live block of jemalloc.
+            counter::fold(unsafe { je::usable_size(new) } - old);
         }
         new
     }

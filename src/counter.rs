@@ -139,8 +139,21 @@ fn record_cold<R: Fn()>(delta: isize, slack: usize, on_register: R) {
 }
 
 /// Adds `delta` to the shared total and lets the latch look at the result.
-fn fold(delta: isize) {
+pub(crate) fn fold(delta: isize) {
     latch::observe(count::add_to(&TOTAL, delta));
+}
+
+/// Adds `delta` to the shared total and returns the result, for a fold that
+/// must do something between the add and the latch's look ([`observe`]).
+#[cfg_attr(not(feature = "jemalloc"), allow(dead_code))]
+pub(crate) fn add_to_total(delta: isize) -> isize {
+    count::add_to(&TOTAL, delta)
+}
+
+/// Lets the latch look at a new shared total.
+#[cfg_attr(not(feature = "jemalloc"), allow(dead_code))]
+pub(crate) fn observe(now: isize) {
+    latch::observe(now);
 }
 
 /// Lists the calling thread in the table and arranges for its removal at
@@ -211,6 +224,8 @@ impl Drop for EntryRelease {
 pub(crate) fn live_bytes() -> isize {
     let mut sum: isize = 0;
     TABLE.for_each(|count| sum = sum.wrapping_add(count.pending()));
+    #[cfg(all(feature = "jemalloc", target_pointer_width = "64"))]
+    crate::jemalloc_count::add_unfolded(&mut sum);
     // The total last, so that a fold racing with this reading is counted
     // once or twice, never missed (see `count`). Relaxed: the Acquire loads
     // in `pending` order it after them.

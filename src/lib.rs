@@ -118,6 +118,8 @@ mod alloc;
 mod config;
 #[cfg(not(loom))]
 mod counter;
+#[cfg(all(feature = "jemalloc", target_pointer_width = "64", not(loom)))]
+mod jemalloc_count;
 #[cfg(not(loom))]
 mod limits;
 #[cfg(not(loom))]

@@ -328,3 +328,155 @@ fn latch_fires_once_and_wakes_the_watchdog_thread() {
     std::thread::sleep(Duration::from_millis(1));
     assert!(crate::peak_bytes() as isize >= at);
 }
+
+/// Over jemalloc (with a slack of at least 64 KiB) the count is jemalloc's
+/// own per-thread counters, in usable sizes.
+#[cfg(feature = "jemalloc")]
+mod over_jemalloc {
+    use super::*;
+    use crate::jemalloc_count::{self, EVENT_BYTES};
+    use crate::Jemalloc;
+
+    static JE: MemWatch<Jemalloc> = MemWatch::new(Jemalloc);
+
+    struct JeBlock(*mut u8, Layout);
+    // SAFETY: an owned heap allocation; any thread may free it.
+    unsafe impl Send for JeBlock {}
+
+    fn alloc_on(a: &MemWatch<Jemalloc>, size: usize) -> JeBlock {
+        let layout = Layout::from_size_align(size, 8).unwrap();
+        // SAFETY: non-zero size.
+        let p = unsafe { a.alloc(layout) };
+        assert!(!p.is_null());
+        JeBlock(p, layout)
+    }
+
+    fn free_on(a: &MemWatch<Jemalloc>, b: JeBlock) {
+        // SAFETY: `b` came from a `MemWatch<Jemalloc>`, which forwards to
+        // jemalloc whatever its slack, with this layout.
+        unsafe { a.dealloc(b.0, b.1) }
+    }
+
+    /// What the reading counts for a block: jemalloc's usable size.
+    fn usable(b: &JeBlock) -> usize {
+        // SAFETY: `b` is a live jemalloc block.
+        unsafe { tikv_jemallocator::usable_size(b.0) }
+    }
+
+    #[test]
+    fn the_reading_counts_usable_sizes_exactly_under_threads_that_come_and_go() {
+        let _g = LOCK.lock();
+        let before = counter::live_bytes();
+        let (tx, rx) = mpsc::channel::<JeBlock>();
+        let rx = std::sync::Arc::new(Mutex::new(rx));
+        let mut leaked = Vec::new();
+        let mut expected = 0usize;
+        for round in 0..20 {
+            let handles: Vec<_> = (0..8)
+                .map(|t| {
+                    let (tx, rx) = (tx.clone(), rx.clone());
+                    thread::spawn(move || {
+                        let mut keep = Vec::new();
+                        for i in 0..500 {
+                            let size = 1 + (i * 37 + t * 101 + round) % 3000;
+                            let b = alloc_on(&JE, size);
+                            match i % 3 {
+                                0 => tx.send(b).unwrap(),
+                                1 => keep.push(b),
+                                _ => free_on(&JE, b),
+                            }
+                            // Free a block that another thread allocated.
+                            if let Ok(b) = rx.lock().try_recv() {
+                                free_on(&JE, b);
+                            }
+                            if i % 50 == 0 {
+                                let b = alloc_on(&JE, 100);
+                                // SAFETY: `b` came from `JE` with `b.1`.
+                                let p = unsafe { JE.realloc(b.0, b.1, 200_000) };
+                                assert!(!p.is_null());
+                                let l = Layout::from_size_align(200_000, 8).unwrap();
+                                // SAFETY: as above, now with the new layout.
+                                let p = unsafe { JE.realloc(p, l, 10) };
+                                free_on(&JE, JeBlock(p, Layout::from_size_align(10, 8).unwrap()));
+                            }
+                        }
+                        let leak = alloc_on(&JE, 1000 + t);
+                        for b in keep {
+                            free_on(&JE, b);
+                        }
+                        (leak.0 as usize, leak.1, usable(&leak))
+                    })
+                })
+                .collect();
+            for h in handles {
+                let (p, l, counted) = h.join().unwrap();
+                expected += counted;
+                leaked.push(JeBlock(p as *mut u8, l));
+            }
+        }
+        drop(tx);
+        for b in rx.lock().try_iter() {
+            free_on(&JE, b);
+        }
+        assert_eq!(counter::live_bytes() - before, expected as isize);
+        // 1000 + t bytes round up to 1024 in jemalloc's size classes.
+        assert_eq!(expected, 160 * 1024);
+        for b in leaked {
+            free_on(&JE, b);
+        }
+        assert_eq!(counter::live_bytes(), before);
+        // Only this test's own thread, which freed the leaks, is still
+        // listed.
+        assert!(jemalloc_count::threads_listed() <= 1);
+    }
+
+    #[test]
+    fn the_threshold_check_lags_the_reading_by_less_than_64_kib_per_thread() {
+        let _g = LOCK.lock();
+        thread::spawn(|| {
+            let start = counter::live_bytes();
+            let mut held = Vec::new();
+            for i in 0..2000usize {
+                if i % 5 == 4 {
+                    free_on(&JE, held.swap_remove(i % held.len()));
+                } else {
+                    held.push(alloc_on(&JE, 64 + (i * 7919) % 8000));
+                }
+                let lag = counter::live_bytes() - counter::folded_bytes();
+                assert!(
+                    lag.unsigned_abs() < EVENT_BYTES,
+                    "step {i}: the shared total lags by {lag}"
+                );
+            }
+            let held_bytes: usize = held.iter().map(usable).sum();
+            assert_eq!(counter::live_bytes() - start, held_bytes as isize);
+            // Without jemalloc's callback nothing would have been folded.
+            assert!(counter::folded_bytes() - start > held_bytes as isize - EVENT_BYTES as isize);
+            for b in held {
+                free_on(&JE, b);
+            }
+            assert_eq!(counter::live_bytes(), start);
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn a_slack_below_64_kib_counts_requested_sizes_on_every_call() {
+        static EXACT: MemWatch<Jemalloc> = MemWatch::new(Jemalloc).with_slack(0);
+        let _g = LOCK.lock();
+        thread::spawn(|| {
+            let start = counter::live_bytes();
+            let b = alloc_on(&EXACT, 100);
+            // Requested, not usable (112), and folded at once.
+            assert_eq!(counter::live_bytes() - start, 100);
+            assert_eq!(counter::folded_bytes(), counter::live_bytes());
+            free_on(&EXACT, b);
+            assert_eq!(counter::live_bytes(), start);
+            // The thread is not listed for jemalloc's counters.
+            assert_eq!(jemalloc_count::threads_listed(), 0);
+        })
+        .join()
+        .unwrap();
+    }
+}

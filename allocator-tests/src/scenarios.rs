@@ -208,7 +208,11 @@ pub fn main_returns_error() -> Result<(), String> {
 /// blocks other threads allocated, reallocates, and leaks a known amount.
 /// Afterwards the reading must equal the baseline plus the leaks exactly.
 /// Prints `drift: N` and exits 0 only if N is 0.
-pub fn thread_churn() {
+///
+/// `block_size` is what the reading counts for a block of `requested` bytes
+/// at `ptr`: the requested size over most allocators, the usable size (the
+/// size class) over jemalloc.
+pub fn thread_churn(block_size: fn(*const u8, usize) -> usize) {
     // Warm up what the first spawn and the first print set up for good.
     thread::spawn(|| vec![0u8; 10]).join().unwrap();
     println!("warm");
@@ -240,9 +244,10 @@ pub fn thread_churn() {
                     let leak_size = 100 + t + wave;
                     // black_box: an allocation nothing reads may be elided.
                     let leak = std::hint::black_box(Vec::<u8>::with_capacity(leak_size));
+                    let counted = block_size(leak.as_ptr(), leak_size);
                     std::mem::forget(leak);
                     drop(mine);
-                    leak_size as isize
+                    counted as isize
                 })
             })
             .collect();

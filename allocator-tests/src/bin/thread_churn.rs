@@ -4,5 +4,9 @@
 static GLOBAL: memwatch::MemWatch = memwatch::MemWatch::new(memwatch::Jemalloc);
 
 fn main() {
-    allocator_tests::scenarios::thread_churn();
+    // Over jemalloc the reading counts jemalloc's usable size of each block.
+    allocator_tests::scenarios::thread_churn(|ptr, _| {
+        // SAFETY: `ptr` is a live block of jemalloc, the inner allocator.
+        unsafe { tikv_jemallocator::usable_size(ptr) }
+    });
 }
