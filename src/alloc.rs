@@ -5,6 +5,7 @@ use std::alloc::{GlobalAlloc, Layout};
 use crate::counter::{self, DEFAULT_SLACK, MAX_SLACK};
 #[cfg(all(feature = "jemalloc", target_pointer_width = "64"))]
 use crate::jemalloc_count as je;
+#[cfg(feature = "jemalloc")]
 use crate::stats;
 
 /// The inner allocator used when none is named: jemalloc with the `jemalloc`
@@ -21,6 +22,15 @@ pub type DefaultInner = std::alloc::System;
 ///
 /// Every `MemWatch` in a process shares one counter and one latch: a process
 /// has one global allocator, and the count is the process's.
+///
+/// Over [`Jemalloc`](crate::Jemalloc) with a slack of 64 KiB or more (the
+/// default is 4 MiB), the count is jemalloc's own per-thread counters, in
+/// usable sizes, and the threshold check lags by less than 64 KiB per thread.
+/// Over any other inner allocator, or with a smaller slack, memwatch counts
+/// requested sizes itself. Wrapping jemalloc twice in one process, once on
+/// each side of 64 KiB, would count the blocks of a thread that uses both
+/// twice; a process has one global allocator, so this only concerns
+/// instances called directly.
 ///
 /// ```
 /// use memwatch::MemWatch;
@@ -48,6 +58,10 @@ impl<A> MemWatch<A> {
     /// check reads. The check can be late (or early) by at most `slack`
     /// per thread. `0` folds every call: exact, and as slow as one shared
     /// atomic.
+    ///
+    /// Over jemalloc, any slack of 64 KiB or more gives jemalloc's own
+    /// counters, folded every 64 KiB (a tighter bound than asked for, at no
+    /// cost); a smaller one gives memwatch's own count with that slack.
     ///
     /// # Panics
     ///

@@ -1,4 +1,6 @@
-//! The per-thread batched counter: where every allocation and free is counted.
+//! The per-thread batched counter: where every allocation and free is counted
+//! (over jemalloc with a slack of 64 KiB or more, jemalloc counts instead and
+//! this holds only the shared total; see [`crate::jemalloc_count`]).
 //!
 //! The design is the Linux kernel's `percpu_counter`, with threads in place of
 //! CPUs, and ClickHouse's per-thread "untracked memory" for the default slack:

@@ -19,9 +19,15 @@
 //!
 //! - [`MemWatch`] wraps an inner allocator (jemalloc by default,
 //!   [`std::alloc::System`] or any other [`GlobalAlloc`](std::alloc::GlobalAlloc)).
-//!   Every alloc, realloc and free adds its requested size to the calling
-//!   thread's pending delta; a delta that exceeds the slack (4 MiB by default)
-//!   is folded into one shared total. There is no polling.
+//!   Every alloc, realloc and free is counted in the calling thread's own
+//!   counters, and what a thread counted is folded into one shared total in
+//!   batches. There is no polling.
+//! - Over jemalloc, the counters are jemalloc's own: it adds every block's
+//!   usable size to per-thread counters on its fast path anyway, and calls
+//!   memwatch back every 64 KiB of allocation or free on a thread to fold.
+//!   Over any other allocator, memwatch adds the requested size to a
+//!   per-thread delta and folds it when it exceeds the slack (4 MiB by
+//!   default).
 //! - The fold that first takes the shared total above the threshold flips a
 //!   one-shot latch and wakes the watchdog thread, without allocating.
 //! - The [`Watchdog`] logs one error line with the figures, runs the
@@ -70,16 +76,23 @@
 //! # Accuracy
 //!
 //! [`live_bytes`] is exact once threads are quiescent, however many threads
-//! came and went. The threshold check sees the folded total, which is off by
-//! at most the slack for each thread that is allocating: with the default
-//! 4 MiB slack and 16 busy threads, the trip can come up to 64 MiB early or
-//! late. [`MemWatch::with_slack`] trades speed for a tighter bound. A small
-//! request (up to twice the slack) that the inner allocator refuses stays
-//! counted, because the count comes before the call; allocators refuse such
-//! requests only when the kernel gives them no memory. Counted are
-//! the sizes Rust code asks for; jemalloc's size-class rounding, its metadata,
-//! memory that C libraries `malloc` directly, `mmap` and thread stacks are
-//! not. See `docs/design.md`.
+//! came and went. The threshold check sees the folded total, which lags by
+//! less than 64 KiB per thread over jemalloc, and by at most the slack per
+//! thread over other allocators: with the default 4 MiB slack and 16 busy
+//! threads, the trip can come up to 64 MiB early or late there.
+//! [`MemWatch::with_slack`] trades speed for a tighter bound; over jemalloc a
+//! slack under 64 KiB switches to memwatch's own count.
+//!
+//! Over jemalloc, a block counts as its usable size (its size class, what
+//! jemalloc's `stats.allocated` counts), so the reading matches
+//! `stats.allocated`; jemalloc counts every block it hands a thread, including
+//! any allocated by calling [`Jemalloc`] directly. Over other allocators a
+//! block counts as its requested size, and a small request (up to twice the
+//! slack) that the inner allocator refuses stays counted, because the count
+//! comes before the call; allocators refuse such requests only when the
+//! kernel gives them no memory. Not counted: allocator metadata, memory that C
+//! libraries `malloc` directly, `mmap` and thread stacks. See
+//! `docs/design.md`.
 //!
 //! # Crate features
 //!
@@ -91,11 +104,14 @@
 //!
 //! Implementing [`GlobalAlloc`](std::alloc::GlobalAlloc) is unsafe by
 //! definition; the wrapper forwards every call unchanged. Each thread's count
-//! lives in its own thread-local block, and readers reach it through a table
-//! whose exit protocol keeps every listed pointer valid while it is read
+//! lives in its own thread-local block (or, over jemalloc, in jemalloc's
+//! thread-specific data), and readers reach it through a table whose exit
+//! protocol keeps every listed pointer valid while it is read
 //! (`src/registry.rs`, model-checked with `loom`, as are the fold of a
-//! thread's count in `src/count.rs` and the latch). Each `unsafe` block
-//! says why it is sound.
+//! thread's count in `src/count.rs` and the latch). Reading jemalloc's
+//! counters of another thread relies on aligned 8-byte loads being
+//! single-copy atomic, so that mode is built for 64-bit targets only
+//! (`src/jemalloc_count.rs`). Each `unsafe` block says why it is sound.
 //!
 //! # MSRV
 //!

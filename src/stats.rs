@@ -8,9 +8,10 @@ use crate::{counter, latch};
 /// A point-in-time reading of memwatch's figures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Snapshot {
-    /// Live heap bytes: requested sizes allocated and not yet freed.
+    /// Live heap bytes allocated and not yet freed (see [`live_bytes`]).
     pub live_bytes: usize,
-    /// The highest folded total seen (accurate to the slack per thread).
+    /// The highest folded total seen (low by at most one fold interval per
+    /// thread; see [`peak_bytes`]).
     pub peak_bytes: usize,
     /// The armed threshold in bytes, if the watchdog runs.
     pub threshold_bytes: Option<usize>,
@@ -22,8 +23,10 @@ pub struct Snapshot {
     pub shed_bytes: Option<usize>,
 }
 
-/// Live heap bytes through the memwatch allocator: the sum of requested sizes
-/// allocated and not yet freed, by every thread.
+/// Live heap bytes through the memwatch allocator: allocated and not yet
+/// freed, by every thread. Over jemalloc a block counts as its usable size
+/// (what jemalloc's `stats.allocated` counts); over other allocators, as its
+/// requested size.
 ///
 /// Exact once threads are quiescent (no allocation in flight). Costs a few
 /// hundred loads, one fence and no lock: fine for a metrics endpoint. A
@@ -33,9 +36,10 @@ pub fn live_bytes() -> usize {
     clamp(counter::live_bytes())
 }
 
-/// The highest live-bytes figure seen at a fold. Folds happen when a thread's
-/// pending delta passes the slack, so this can read low by up to the slack
-/// times the number of threads.
+/// The highest live-bytes figure seen at a fold. Folds happen every 64 KiB
+/// of a thread's activity over jemalloc, or when a thread's pending delta
+/// passes the slack over other allocators, so this can read low by up to
+/// that much per thread.
 pub fn peak_bytes() -> usize {
     clamp(latch::peak())
 }

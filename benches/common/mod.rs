@@ -51,6 +51,44 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for SharedAtomic<A> {
     }
 }
 
+/// The floor of any design that keeps something per thread: before jumping
+/// into jemalloc it compares one thread-local byte, which the thread's first
+/// call sets, and does nothing else. memwatch over jemalloc does exactly
+/// this on its fast path; the paired table shows what the compare alone
+/// costs.
+pub struct ThreadCheck;
+
+thread_local! {
+    static SEEN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+#[cold]
+#[inline(never)]
+fn first_call() {
+    SEEN.with(|s| s.set(true));
+}
+
+// SAFETY: forwards every call unchanged to jemalloc.
+unsafe impl GlobalAlloc for ThreadCheck {
+    #[inline]
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if !SEEN.with(std::cell::Cell::get) {
+            first_call();
+        }
+        // SAFETY: the caller upholds `alloc`'s contract.
+        unsafe { Jemalloc.alloc(layout) }
+    }
+    #[inline]
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        if !SEEN.with(std::cell::Cell::get) {
+            first_call();
+        }
+        // SAFETY: `ptr` came from jemalloc with `layout`.
+        unsafe { Jemalloc.dealloc(ptr, layout) }
+    }
+}
+
+pub static THREAD_CHECK: ThreadCheck = ThreadCheck;
 pub static SYSTEM: System = System;
 pub static JEMALLOC: Jemalloc = Jemalloc;
 pub static MEMWATCH_JEMALLOC: MemWatch<Jemalloc> = MemWatch::new(Jemalloc);
@@ -98,6 +136,7 @@ global! {
     MemWatch<System> => MEMWATCH_SYSTEM,
     cap::Cap<Jemalloc> => CAP_JEMALLOC,
     SharedAtomic<Jemalloc> => ATOMIC_JEMALLOC,
+    ThreadCheck => THREAD_CHECK,
 }
 
 /// What rustc generates as `__rust_alloc` for a `#[global_allocator]`: a
