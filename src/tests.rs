@@ -21,7 +21,7 @@ struct Block(*mut u8, Layout);
 // thread is what the allocator contract allows.
 unsafe impl Send for Block {}
 
-fn alloc(a: &MemWatch<System>, size: usize) -> Block {
+fn alloc<A: GlobalAlloc + 'static>(a: &MemWatch<A>, size: usize) -> Block {
     let layout = Layout::from_size_align(size, 8).unwrap();
     // SAFETY: `layout` has a non-zero size.
     let p = unsafe { a.alloc(layout) };
@@ -29,15 +29,21 @@ fn alloc(a: &MemWatch<System>, size: usize) -> Block {
     Block(p, layout)
 }
 
-fn free(a: &MemWatch<System>, b: Block) {
-    // SAFETY: `b` came from `alloc` on a `MemWatch<System>`, which forwards to
-    // `System` whatever its slack, with this layout.
+fn free<A: GlobalAlloc + 'static>(a: &MemWatch<A>, b: Block) {
+    // SAFETY: `b` came from `alloc` on a `MemWatch<A>`, which forwards to `A`
+    // whatever its slack, with this layout.
     unsafe { a.dealloc(b.0, b.1) }
 }
 
-#[test]
-fn exact_under_threads_with_cross_thread_frees_and_exits() {
-    let _g = LOCK.lock();
+/// 20 waves of 8 threads through `a`: each allocates 500 blocks of sizes up
+/// to 3000 B, frees blocks other threads allocated, reallocates up to 200 KB
+/// and back, and leaks one block of 1000 + t bytes. Checks that the reading
+/// rose by exactly what the leaks count as (`counted`), frees them, checks
+/// that it is back where it started, and returns the leaks' count.
+fn churn<A: GlobalAlloc + Sync + 'static>(
+    a: &'static MemWatch<A>,
+    counted: fn(&Block) -> usize,
+) -> usize {
     let before = counter::live_bytes();
     let (tx, rx) = mpsc::channel::<Block>();
     let rx = std::sync::Arc::new(Mutex::new(rx));
@@ -52,53 +58,63 @@ fn exact_under_threads_with_cross_thread_frees_and_exits() {
                 let mut keep = Vec::new();
                 for i in 0..500 {
                     let size = 1 + (i * 37 + t * 101 + round) % 3000;
-                    let b = alloc(&SMALL, size);
+                    let b = alloc(a, size);
                     if i % 3 == 0 {
                         tx.send(b).unwrap();
                     } else if i % 3 == 1 {
                         keep.push(b);
                     } else {
-                        free(&SMALL, b);
+                        free(a, b);
                     }
                     // Free a block that another thread allocated.
                     if let Ok(b) = rx.lock().try_recv() {
-                        free(&SMALL, b);
+                        free(a, b);
                     }
                     // Realloc up and down.
                     if i % 50 == 0 {
-                        let b = alloc(&SMALL, 100);
-                        // SAFETY: `b` came from `SMALL` with `b.1`.
-                        let p = unsafe { SMALL.realloc(b.0, b.1, 200_000) };
+                        let b = alloc(a, 100);
+                        // SAFETY: `b` came from `a` with `b.1`.
+                        let p = unsafe { a.realloc(b.0, b.1, 200_000) };
                         assert!(!p.is_null());
                         let l = Layout::from_size_align(200_000, 8).unwrap();
                         // SAFETY: as above, now with the new layout.
-                        let p = unsafe { SMALL.realloc(p, l, 10) };
-                        free(&SMALL, Block(p, Layout::from_size_align(10, 8).unwrap()));
+                        let p = unsafe { a.realloc(p, l, 10) };
+                        free(a, Block(p, Layout::from_size_align(10, 8).unwrap()));
                     }
                 }
                 // Leak one known block; free the rest on exit.
-                let leak = alloc(&SMALL, 1000 + t);
+                let leak = alloc(a, 1000 + t);
                 for b in keep {
-                    free(&SMALL, b);
+                    free(a, b);
                 }
-                (leak.0 as usize, leak.1)
+                let n = counted(&leak);
+                (leak.0 as usize, leak.1, n)
             }));
         }
         for h in handles {
-            let (p, l) = h.join().unwrap();
-            expected_leak += l.size();
-            leaked.push((p, l));
+            let (p, l, n) = h.join().unwrap();
+            expected_leak += n;
+            leaked.push(Block(p as *mut u8, l));
         }
     }
     drop(tx);
     for b in rx.lock().try_iter() {
-        free(&SMALL, b);
+        free(a, b);
     }
     assert_eq!(counter::live_bytes() - before, expected_leak as isize);
-    for (p, l) in leaked {
-        free(&SMALL, Block(p as *mut u8, l));
+    for b in leaked {
+        free(a, b);
     }
     assert_eq!(counter::live_bytes(), before);
+    expected_leak
+}
+
+#[test]
+fn exact_under_threads_with_cross_thread_frees_and_exits() {
+    let _g = LOCK.lock();
+    // Over `System` a block counts as its requested size.
+    let leaked = churn(&SMALL, |b| b.1.size());
+    assert_eq!(leaked, (0..8).map(|t| 1000 + t).sum::<usize>() * 20);
     // The slots of exited threads are free again.
     assert!(
         counter::threads_with_slots() <= 2,
@@ -339,26 +355,8 @@ mod over_jemalloc {
 
     static JE: MemWatch<Jemalloc> = MemWatch::new(Jemalloc);
 
-    struct JeBlock(*mut u8, Layout);
-    // SAFETY: an owned heap allocation; any thread may free it.
-    unsafe impl Send for JeBlock {}
-
-    fn alloc_on(a: &MemWatch<Jemalloc>, size: usize) -> JeBlock {
-        let layout = Layout::from_size_align(size, 8).unwrap();
-        // SAFETY: non-zero size.
-        let p = unsafe { a.alloc(layout) };
-        assert!(!p.is_null());
-        JeBlock(p, layout)
-    }
-
-    fn free_on(a: &MemWatch<Jemalloc>, b: JeBlock) {
-        // SAFETY: `b` came from a `MemWatch<Jemalloc>`, which forwards to
-        // jemalloc whatever its slack, with this layout.
-        unsafe { a.dealloc(b.0, b.1) }
-    }
-
     /// What the reading counts for a block: jemalloc's usable size.
-    fn usable(b: &JeBlock) -> usize {
+    fn usable(b: &Block) -> usize {
         // SAFETY: `b` is a live jemalloc block.
         unsafe { tikv_jemallocator::usable_size(b.0) }
     }
@@ -366,65 +364,9 @@ mod over_jemalloc {
     #[test]
     fn the_reading_counts_usable_sizes_exactly_under_threads_that_come_and_go() {
         let _g = LOCK.lock();
-        let before = counter::live_bytes();
-        let (tx, rx) = mpsc::channel::<JeBlock>();
-        let rx = std::sync::Arc::new(Mutex::new(rx));
-        let mut leaked = Vec::new();
-        let mut expected = 0usize;
-        for round in 0..20 {
-            let handles: Vec<_> = (0..8)
-                .map(|t| {
-                    let (tx, rx) = (tx.clone(), rx.clone());
-                    thread::spawn(move || {
-                        let mut keep = Vec::new();
-                        for i in 0..500 {
-                            let size = 1 + (i * 37 + t * 101 + round) % 3000;
-                            let b = alloc_on(&JE, size);
-                            match i % 3 {
-                                0 => tx.send(b).unwrap(),
-                                1 => keep.push(b),
-                                _ => free_on(&JE, b),
-                            }
-                            // Free a block that another thread allocated.
-                            if let Ok(b) = rx.lock().try_recv() {
-                                free_on(&JE, b);
-                            }
-                            if i % 50 == 0 {
-                                let b = alloc_on(&JE, 100);
-                                // SAFETY: `b` came from `JE` with `b.1`.
-                                let p = unsafe { JE.realloc(b.0, b.1, 200_000) };
-                                assert!(!p.is_null());
-                                let l = Layout::from_size_align(200_000, 8).unwrap();
-                                // SAFETY: as above, now with the new layout.
-                                let p = unsafe { JE.realloc(p, l, 10) };
-                                free_on(&JE, JeBlock(p, Layout::from_size_align(10, 8).unwrap()));
-                            }
-                        }
-                        let leak = alloc_on(&JE, 1000 + t);
-                        for b in keep {
-                            free_on(&JE, b);
-                        }
-                        (leak.0 as usize, leak.1, usable(&leak))
-                    })
-                })
-                .collect();
-            for h in handles {
-                let (p, l, counted) = h.join().unwrap();
-                expected += counted;
-                leaked.push(JeBlock(p as *mut u8, l));
-            }
-        }
-        drop(tx);
-        for b in rx.lock().try_iter() {
-            free_on(&JE, b);
-        }
-        assert_eq!(counter::live_bytes() - before, expected as isize);
+        let leaked = churn(&JE, usable);
         // 1000 + t bytes round up to 1024 in jemalloc's size classes.
-        assert_eq!(expected, 160 * 1024);
-        for b in leaked {
-            free_on(&JE, b);
-        }
-        assert_eq!(counter::live_bytes(), before);
+        assert_eq!(leaked, 160 * 1024);
         // Only this test's own thread, which freed the leaks, is still
         // listed.
         assert!(jemalloc_count::threads_listed() <= 1);
@@ -438,9 +380,9 @@ mod over_jemalloc {
             let mut held = Vec::new();
             for i in 0..2000usize {
                 if i % 5 == 4 {
-                    free_on(&JE, held.swap_remove(i % held.len()));
+                    free(&JE, held.swap_remove(i % held.len()));
                 } else {
-                    held.push(alloc_on(&JE, 64 + (i * 7919) % 8000));
+                    held.push(alloc(&JE, 64 + (i * 7919) % 8000));
                 }
                 let lag = counter::live_bytes() - counter::folded_bytes();
                 assert!(
@@ -453,7 +395,7 @@ mod over_jemalloc {
             // Without jemalloc's callback nothing would have been folded.
             assert!(counter::folded_bytes() - start > held_bytes as isize - EVENT_BYTES as isize);
             for b in held {
-                free_on(&JE, b);
+                free(&JE, b);
             }
             assert_eq!(counter::live_bytes(), start);
         })
@@ -467,11 +409,11 @@ mod over_jemalloc {
         let _g = LOCK.lock();
         thread::spawn(|| {
             let start = counter::live_bytes();
-            let b = alloc_on(&EXACT, 100);
+            let b = alloc(&EXACT, 100);
             // Requested, not usable (112), and folded at once.
             assert_eq!(counter::live_bytes() - start, 100);
             assert_eq!(counter::folded_bytes(), counter::live_bytes());
-            free_on(&EXACT, b);
+            free(&EXACT, b);
             assert_eq!(counter::live_bytes(), start);
             // The thread is not listed for jemalloc's counters.
             assert_eq!(jemalloc_count::threads_listed(), 0);
