@@ -172,20 +172,25 @@ fn one_thread_using_instances_with_different_slacks_stays_exact() {
 
 #[test]
 fn readings_taken_while_threads_exit_stay_bounded_and_end_exact() {
+    readings_while_threads_exit(&SMALL);
+}
+
+/// A reader sums other threads' counts through the table while 300 waves of
+/// 4 threads list themselves, allocate and free through `a`, and take
+/// themselves off on exit.
+fn readings_while_threads_exit<A: GlobalAlloc + Sync + 'static>(a: &'static MemWatch<A>) {
     use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 
     let _g = LOCK.lock();
     let before = counter::live_bytes();
     let stop = AtomicBool::new(false);
     thread::scope(|s| {
-        // Sums other threads' counts through the table while they list
-        // themselves, count, and take themselves off on exit.
         let reader = s.spawn(|| {
             let mut reads = 0u64;
             while !stop.load(SeqCst) {
                 let off = counter::live_bytes() - before;
-                // 4 threads, each holding under 64 KiB and a pending delta
-                // of at most SMALL's 64 KiB slack.
+                // 4 threads, each holding under 64 KiB and an unfolded
+                // count of at most 64 KiB.
                 assert!(off.abs() <= 1 << 20, "reading off by {off}");
                 reads += 1;
             }
@@ -195,9 +200,9 @@ fn readings_taken_while_threads_exit_stay_bounded_and_end_exact() {
             let workers: Vec<_> = (0..4)
                 .map(|t| {
                     s.spawn(move || {
-                        let blocks: Vec<_> = (0..20).map(|i| alloc(&SMALL, 100 + i * t)).collect();
+                        let blocks: Vec<_> = (0..20).map(|i| alloc(a, 100 + i * t)).collect();
                         for b in blocks {
-                            free(&SMALL, b);
+                            free(a, b);
                         }
                     })
                 })
@@ -214,6 +219,19 @@ fn readings_taken_while_threads_exit_stay_bounded_and_end_exact() {
 
 #[test]
 fn threads_beyond_the_table_count_exactly_through_the_shared_total() {
+    beyond_the_table(&SMALL, |b| b.1.size(), counter::threads_with_slots);
+}
+
+/// `SLOTS + 44` threads each allocate, grow and hold a block through `a`
+/// at once, so that 44 of them find the table full and count each call
+/// straight into the shared total. `counted` is what a block counts as,
+/// `listed` how many threads the table holds.
+fn beyond_the_table<A: GlobalAlloc + Sync + 'static>(
+    a: &'static MemWatch<A>,
+    counted: fn(&Block) -> usize,
+    listed: fn() -> usize,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
     use std::sync::Barrier;
 
     let _g = LOCK.lock();
@@ -221,24 +239,32 @@ fn threads_beyond_the_table_count_exactly_through_the_shared_total() {
     let threads = counter::SLOTS + 44;
     let all_allocated = Barrier::new(threads + 1);
     let may_free = Barrier::new(threads + 1);
+    let held = AtomicUsize::new(0);
     thread::scope(|s| {
         let workers: Vec<_> = (0..threads)
             .map(|t| {
-                let (all_allocated, may_free) = (&all_allocated, &may_free);
+                let (all_allocated, may_free, held) = (&all_allocated, &may_free, &held);
                 s.spawn(move || {
-                    let b = alloc(&SMALL, 1000 + t);
+                    let b = alloc(a, 500 + t);
+                    let grown = Layout::from_size_align(1000 + t, 8).unwrap();
+                    // SAFETY: `b` came from `a` with `b.1`.
+                    let b = Block(unsafe { a.realloc(b.0, b.1, grown.size()) }, grown);
+                    assert!(!b.0.is_null());
+                    held.fetch_add(counted(&b), SeqCst);
                     all_allocated.wait();
                     may_free.wait();
-                    free(&SMALL, b);
+                    free(a, b);
                 })
             })
             .collect();
         all_allocated.wait();
-        // Every entry is taken; the other 44 threads count in the total.
-        assert_eq!(counter::threads_with_slots(), counter::SLOTS);
-        let held: usize = (0..threads).map(|t| 1000 + t).sum();
-        assert_eq!(counter::live_bytes() - before, held as isize);
+        let (now_listed, now_live) = (listed(), counter::live_bytes() - before);
+        // Let the workers go before asserting: a failed assertion here
+        // would otherwise leave them at the barrier and the scope waiting.
         may_free.wait();
+        // Every entry is taken; the other 44 threads count in the total.
+        assert_eq!(now_listed, counter::SLOTS);
+        assert_eq!(now_live, held.load(SeqCst) as isize);
         // Joining waits for each thread's end, thread-local destructors
         // included (leaving the scope alone does not).
         for w in workers {
@@ -246,7 +272,7 @@ fn threads_beyond_the_table_count_exactly_through_the_shared_total() {
         }
     });
     assert_eq!(counter::live_bytes(), before);
-    assert_eq!(counter::threads_with_slots(), 0);
+    assert_eq!(listed(), 0);
 }
 
 /// An inner allocator that refuses every request.
@@ -370,6 +396,16 @@ mod over_jemalloc {
         // Only this test's own thread, which freed the leaks, is still
         // listed.
         assert!(jemalloc_count::threads_listed() <= 1);
+    }
+
+    #[test]
+    fn readings_taken_while_threads_exit_stay_bounded_and_end_exact() {
+        readings_while_threads_exit(&JE);
+    }
+
+    #[test]
+    fn threads_beyond_the_table_count_exactly_by_usable_size() {
+        beyond_the_table(&JE, usable, jemalloc_count::threads_listed);
     }
 
     #[test]
