@@ -173,6 +173,64 @@ impl Count {
     }
 }
 
+/// How much of a running net count kept elsewhere (jemalloc's per-thread
+/// counters, for [`crate::jemalloc_count`]) has been folded into the total:
+/// the same protocol as [`Count`]'s fold, for a count this crate only reads.
+pub(crate) struct Folded {
+    /// The net count as of the last fold. Written only by the owner.
+    folded: AtomicIsize,
+}
+
+impl Folded {
+    /// Nothing folded yet.
+    #[cfg(not(loom))]
+    pub(crate) const fn new() -> Self {
+        Folded {
+            folded: AtomicIsize::new(0),
+        }
+    }
+
+    /// Nothing folded yet (loom's atomics have no `const` constructor).
+    #[cfg(loom)]
+    pub(crate) fn new() -> Self {
+        Folded {
+            folded: AtomicIsize::new(0),
+        }
+    }
+
+    /// What a reading adds: `net()`, the running count read now, minus what
+    /// was folded. `net` is called after `folded` is loaded: the count only
+    /// moves on past what a fold saw.
+    pub(crate) fn unfolded(&self, net: impl FnOnce() -> isize) -> isize {
+        // Acquire pairs with the Release fence in `fold_into`: a reading
+        // that sees a fold's `folded` also sees that fold in the total it
+        // loads afterwards.
+        let folded = self.folded.load(Acquire);
+        net().wrapping_sub(folded)
+    }
+
+    /// Folds the running count `net` into `total`; returns the new total, or
+    /// `None` if nothing changed since the last fold. Owner only.
+    pub(crate) fn fold_into(&self, total: &AtomicIsize, net: isize) -> Option<isize> {
+        // Relaxed: only the owner writes `folded`.
+        let delta = net.wrapping_sub(self.folded.load(Relaxed));
+        if delta == 0 {
+            return None;
+        }
+        // Fold, fence, then record: see "Atomic orderings".
+        let now = add_to(total, delta);
+        fence(Release);
+        self.folded.store(net, Relaxed);
+        Some(now)
+    }
+
+    /// Nothing folded, for a count just listed. Owner only, before listing.
+    #[cfg_attr(loom, allow(dead_code))]
+    pub(crate) fn reset(&self) {
+        self.folded.store(0, Relaxed);
+    }
+}
+
 /// Adds `delta` to `total` and returns the result. Relaxed: the total is a
 /// statistic; the Release fence that follows every fold of a count, and the
 /// latch's own compare-and-swap, carry the orderings that matter.
@@ -243,6 +301,59 @@ mod loom_tests {
             let exact = count.pending() + total.load(Relaxed);
             assert_eq!(exact, counted(ops, ops.len()));
         });
+    }
+
+    /// A running count kept elsewhere (jemalloc's counters, written by
+    /// their owner alone) moves by `deltas`; the owner folds it after each
+    /// step whose flag is set, as jemalloc's callback does. A reader takes
+    /// one reading as `jemalloc_count` does (the unfolded count, then the
+    /// total): at least the smallest true count of any moment after it
+    /// started, at most the largest plus one fold; exact once done.
+    fn check_folded(steps: &'static [(isize, bool)], fold: isize) {
+        use super::Folded;
+        loom::model(move || {
+            let total = Arc::new(AtomicIsize::new(0));
+            let net = Arc::new(AtomicIsize::new(0));
+            let folded = Arc::new(Folded::new());
+            let done = Arc::new(AtomicUsize::new(0));
+            let owner = {
+                let (total, net, folded, done) =
+                    (total.clone(), net.clone(), folded.clone(), done.clone());
+                thread::spawn(move || {
+                    let mut mine = 0;
+                    for (i, &(delta, fold)) in steps.iter().enumerate() {
+                        mine += delta;
+                        net.store(mine, Relaxed);
+                        if fold {
+                            folded.fold_into(&total, mine);
+                        }
+                        done.store(i + 1, Release);
+                    }
+                })
+            };
+            let truth = |n: usize| steps[..n].iter().map(|s| s.0).sum::<isize>();
+            let started = done.load(Acquire);
+            let reading = folded
+                .unfolded(|| net.load(Relaxed))
+                .wrapping_add(total.load(Relaxed));
+            owner.join().unwrap();
+            let low = (started..=steps.len()).map(truth).min().unwrap();
+            let high = (started..=steps.len()).map(truth).max().unwrap();
+            assert!(reading >= low, "read {reading}, below {low}");
+            assert!(
+                reading <= high + fold,
+                "read {reading}, above {high} + {fold}"
+            );
+            let exact = folded.unfolded(|| net.load(Relaxed)) + total.load(Relaxed);
+            assert_eq!(exact, truth(steps.len()));
+        });
+    }
+
+    /// 100 allocated and folded, 100 more and folded, 50 freed, 10
+    /// allocated: every kind of move of the count comes after a fold.
+    #[test]
+    fn a_reading_of_a_count_kept_elsewhere_never_misses_a_fold() {
+        check_folded(&[(100, true), (100, true), (-50, false), (10, false)], 200);
     }
 
     /// Two allocations of 100 bytes with a slack of 150 (the second folds

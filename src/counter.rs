@@ -145,11 +145,11 @@ pub(crate) fn fold(delta: isize) {
     latch::observe(count::add_to(&TOTAL, delta));
 }
 
-/// Adds `delta` to the shared total and returns the result, for a fold that
-/// must do something between the add and the latch's look ([`observe`]).
+/// Folds a running count kept elsewhere into the shared total (see
+/// [`count::Folded`]); returns the new total, for [`observe`], if it moved.
 #[cfg_attr(not(feature = "jemalloc"), allow(dead_code))]
-pub(crate) fn add_to_total(delta: isize) -> isize {
-    count::add_to(&TOTAL, delta)
+pub(crate) fn fold_net(folded: &count::Folded, net: isize) -> Option<isize> {
+    folded.fold_into(&TOTAL, net)
 }
 
 /// Lets the latch look at a new shared total.

@@ -37,11 +37,12 @@
 use std::cell::Cell;
 use std::ffi::{c_int, c_void};
 use std::ptr;
-use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
-use std::sync::atomic::{fence, AtomicI64, AtomicPtr};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicIsize, AtomicPtr};
 
 use tikv_jemalloc_sys as sys;
 
+use crate::count::Folded;
 use crate::counter::{self, SLOTS};
 use crate::registry::Registry;
 
@@ -69,10 +70,10 @@ pub(crate) struct Thread {
     deallocated: AtomicPtr<u64>,
     /// `allocated - deallocated` when the thread registered: what jemalloc
     /// counted on it before memwatch did. Set before listing.
-    base: AtomicI64,
+    base: AtomicIsize,
     /// How much of the thread's net count (since `base`) is in the shared
-    /// total. Written only by the owning thread (its callback and its exit).
-    folded: AtomicI64,
+    /// total. Folded only by the owning thread (its callback and its exit).
+    folded: Folded,
 }
 
 impl Thread {
@@ -80,8 +81,8 @@ impl Thread {
         Thread {
             allocated: AtomicPtr::new(ptr::null_mut()),
             deallocated: AtomicPtr::new(ptr::null_mut()),
-            base: AtomicI64::new(0),
-            folded: AtomicI64::new(0),
+            base: AtomicIsize::new(0),
+            folded: Folded::new(),
         }
     }
 
@@ -91,7 +92,7 @@ impl Thread {
     ///
     /// The thread must be listed (or the caller must be the thread itself),
     /// so that the counters' addresses are set and valid.
-    unsafe fn net(&self) -> i64 {
+    unsafe fn net(&self) -> isize {
         // Relaxed: set before the item was published; a reader reaches it
         // through the table's Acquire load, the owner wrote it itself.
         let (a, d) = (self.allocated.load(Relaxed), self.deallocated.load(Relaxed));
@@ -106,7 +107,7 @@ impl Thread {
         // running thread. Volatile: the compiler may neither cache nor split
         // the load.
         let (a, d) = unsafe { (ptr::read_volatile(a), ptr::read_volatile(d)) };
-        (a.wrapping_sub(d) as i64).wrapping_sub(self.base.load(Relaxed))
+        (a.wrapping_sub(d) as isize).wrapping_sub(self.base.load(Relaxed))
     }
 
     /// What a reading adds for this thread: its net count not yet folded.
@@ -114,32 +115,17 @@ impl Thread {
     /// # Safety
     ///
     /// As [`Self::net`].
-    unsafe fn unfolded(&self) -> i64 {
-        // Acquire pairs with the Release fence in `fold`: a reading that
-        // sees a fold's `folded` also sees that fold in the total it loads
-        // afterwards, so the fold is never missed (counted twice at worst,
-        // for that instant). Loaded before the counters: they only grow
-        // past what the fold saw.
-        let folded = self.folded.load(Acquire);
+    unsafe fn unfolded(&self) -> isize {
         // SAFETY: the caller's contract.
-        unsafe { self.net() }.wrapping_sub(folded)
+        self.folded.unfolded(|| unsafe { self.net() })
     }
 
     /// Moves the thread's net count `net` into the shared total and lets the
     /// latch look at it. Owner only.
-    fn fold(&self, net: i64) {
-        // Relaxed: only the owner writes `folded`.
-        let delta = net.wrapping_sub(self.folded.load(Relaxed));
-        if delta == 0 {
-            return;
+    fn fold(&self, net: isize) {
+        if let Some(now) = counter::fold_net(&self.folded, net) {
+            counter::observe(now);
         }
-        // Fold, fence, then record: the same order as `count::Count`'s
-        // fold, model-checked there.
-        let now = counter::add_to_total(delta as isize);
-        fence(Release);
-        // Relaxed: ordered for readers by the fence above.
-        self.folded.store(net, Relaxed);
-        counter::observe(now);
     }
 }
 
@@ -212,7 +198,7 @@ pub(crate) unsafe fn usable_size(block: *mut u8) -> isize {
 pub(crate) fn add_unfolded(sum: &mut isize) {
     TABLE.for_each(|t| {
         // SAFETY: `t` is listed for the duration of this call.
-        *sum = sum.wrapping_add(unsafe { t.unfolded() } as isize);
+        *sum = sum.wrapping_add(unsafe { t.unfolded() });
     });
 }
 
@@ -281,7 +267,7 @@ fn register() {
         t.allocated.store(a, Relaxed);
         t.deallocated.store(d, Relaxed);
         t.base.store(0, Relaxed);
-        t.folded.store(0, Relaxed);
+        t.folded.reset();
         // SAFETY: the counters were just set; this is the owning thread.
         let base = unsafe { t.net() };
         t.base.store(base, Relaxed);
@@ -312,7 +298,7 @@ unsafe extern "C" fn on_activity(uctx: *mut c_void, allocated: u64, deallocated:
     // SAFETY: `uctx` is the calling thread's own `THREAD`, installed by
     // `register` and uninstalled by `Exit` before the entry goes.
     let t = unsafe { &*uctx.cast::<Thread>() };
-    let net = (allocated.wrapping_sub(deallocated) as i64).wrapping_sub(t.base.load(Relaxed));
+    let net = (allocated.wrapping_sub(deallocated) as isize).wrapping_sub(t.base.load(Relaxed));
     t.fold(net);
 }
 

@@ -107,8 +107,8 @@
 //! lives in its own thread-local block (or, over jemalloc, in jemalloc's
 //! thread-specific data), and readers reach it through a table whose exit
 //! protocol keeps every listed pointer valid while it is read
-//! (`src/registry.rs`, model-checked with `loom`, as are the fold of a
-//! thread's count in `src/count.rs` and the latch). Reading jemalloc's
+//! (`src/registry.rs`, model-checked with `loom`, as are the folds of a
+//! thread's count into the shared total in `src/count.rs` and the latch). Reading jemalloc's
 //! counters of another thread relies on aligned 8-byte loads being
 //! single-copy atomic, so that mode is built for 64-bit targets only
 //! (`src/jemalloc_count.rs`). Each `unsafe` block says why it is sound.
