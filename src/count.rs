@@ -176,11 +176,13 @@ impl Count {
 /// How much of a running net count kept elsewhere (jemalloc's per-thread
 /// counters, for [`crate::jemalloc_count`]) has been folded into the total:
 /// the same protocol as [`Count`]'s fold, for a count this crate only reads.
+#[cfg(any(loom, all(feature = "jemalloc", target_pointer_width = "64")))]
 pub(crate) struct Folded {
     /// The net count as of the last fold. Written only by the owner.
     folded: AtomicIsize,
 }
 
+#[cfg(any(loom, all(feature = "jemalloc", target_pointer_width = "64")))]
 impl Folded {
     /// Nothing folded yet.
     #[cfg(not(loom))]

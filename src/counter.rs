@@ -147,13 +147,13 @@ pub(crate) fn fold(delta: isize) {
 
 /// Folds a running count kept elsewhere into the shared total (see
 /// [`count::Folded`]); returns the new total, for [`observe`], if it moved.
-#[cfg_attr(not(feature = "jemalloc"), allow(dead_code))]
+#[cfg(all(feature = "jemalloc", target_pointer_width = "64"))]
 pub(crate) fn fold_net(folded: &count::Folded, net: isize) -> Option<isize> {
     folded.fold_into(&TOTAL, net)
 }
 
 /// Lets the latch look at a new shared total.
-#[cfg_attr(not(feature = "jemalloc"), allow(dead_code))]
+#[cfg(all(feature = "jemalloc", target_pointer_width = "64"))]
 pub(crate) fn observe(now: isize) {
     latch::observe(now);
 }
