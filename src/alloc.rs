@@ -292,7 +292,7 @@ impl<A: GlobalAlloc + 'static> MemWatch<A> {
         };
         if !listed && !ptr.is_null() {
             // SAFETY: `ptr` is a live block of `inner`, which is jemalloc.
-            unsafe { je::count_block(ptr, 1) };
+            counter::fold(unsafe { je::usable_size(ptr) });
         }
         ptr
     }
@@ -306,7 +306,7 @@ impl<A: GlobalAlloc + 'static> MemWatch<A> {
         if !je::register_or_direct() {
             // SAFETY: the caller guarantees `ptr` is a live block of
             // `inner`, which is jemalloc.
-            unsafe { je::count_block(ptr, -1) };
+            counter::fold(-unsafe { je::usable_size(ptr) });
         }
         // SAFETY: the caller guarantees `ptr` came from `inner` with
         // `layout`.

@@ -146,16 +146,12 @@ pub(crate) fn fold(delta: isize) {
 }
 
 /// Folds a running count kept elsewhere into the shared total (see
-/// [`count::Folded`]); returns the new total, for [`observe`], if it moved.
+/// [`count::Folded`]) and lets the latch look at the result if it moved.
 #[cfg(all(feature = "jemalloc", target_pointer_width = "64"))]
-pub(crate) fn fold_net(folded: &count::Folded, net: isize) -> Option<isize> {
-    folded.fold_into(&TOTAL, net)
-}
-
-/// Lets the latch look at a new shared total.
-#[cfg(all(feature = "jemalloc", target_pointer_width = "64"))]
-pub(crate) fn observe(now: isize) {
-    latch::observe(now);
+pub(crate) fn fold_net(folded: &count::Folded, net: isize) {
+    if let Some(now) = folded.fold_into(&TOTAL, net) {
+        latch::observe(now);
+    }
 }
 
 /// Lists the calling thread in the table and arranges for its removal at

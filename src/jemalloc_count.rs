@@ -123,9 +123,7 @@ impl Thread {
     /// Moves the thread's net count `net` into the shared total and lets the
     /// latch look at it. Owner only.
     fn fold(&self, net: isize) {
-        if let Some(now) = counter::fold_net(&self.folded, net) {
-            counter::observe(now);
-        }
+        counter::fold_net(&self.folded, net);
     }
 }
 
@@ -160,7 +158,7 @@ pub(crate) fn listed() -> bool {
 
 /// Off the fast path: registers the calling thread if it never tried, and
 /// returns whether jemalloc counts its calls now. When it returns `false`,
-/// the caller counts the call itself with [`count_block`].
+/// the caller counts the call itself, by [`usable_size`].
 #[cold]
 pub(crate) fn register_or_direct() -> bool {
     if STATE.with(Cell::get) == UNREGISTERED {
@@ -169,27 +167,15 @@ pub(crate) fn register_or_direct() -> bool {
     listed()
 }
 
-/// Counts `sign` times the usable size of `block` straight into the shared
-/// total, for a call on a thread that jemalloc does not count for us.
-///
-/// # Safety
-///
-/// `block` is a live jemalloc allocation.
-pub(crate) unsafe fn count_block(block: *mut u8, sign: isize) {
-    // SAFETY: the caller's contract; `sallocx` reads jemalloc's metadata of
-    // a live block and does not allocate.
-    let usable = unsafe { sys::sallocx(block.cast(), 0) };
-    counter::fold((usable as isize).wrapping_mul(sign));
-}
-
-/// The usable size jemalloc gives `block`, for a caller about to count a
-/// change of it.
+/// The usable size jemalloc gives `block`: what a call on a thread that
+/// jemalloc does not count for us counts itself.
 ///
 /// # Safety
 ///
 /// `block` is a live jemalloc allocation.
 pub(crate) unsafe fn usable_size(block: *mut u8) -> isize {
-    // SAFETY: the caller's contract.
+    // SAFETY: the caller's contract; `sallocx` reads jemalloc's metadata of
+    // a live block and does not allocate.
     unsafe { sys::sallocx(block.cast(), 0) as isize }
 }
 
