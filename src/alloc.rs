@@ -87,13 +87,16 @@ impl<A> MemWatch<A> {
 // `Layout::size()` is at most `isize::MAX`, so the `as isize` casts below are
 // lossless; the realloc difference of two such sizes cannot overflow either.
 //
-// Each method counts first and then hands the call to the inner allocator as
-// its last act. Compiled into `__rust_alloc` and friends, that last act is a
+// Over jemalloc (with a slack of at least 64 KiB) each method only checks
+// that jemalloc counts for the calling thread, and jumps into it; see
+// `jemalloc_count`. Otherwise each method counts first, in memwatch's own
+// per-thread count, and then hands the call to the inner allocator as its
+// last act. Compiled into `__rust_alloc` and friends, that last act is a
 // jump, not a call: no stack frame, no register saved across the call, no
 // return through this function. Counting after the call instead (to count
 // only what succeeded) made a small alloc+free pair cost a program 1.2x to
 // 1.3x what bare jemalloc costs; counting first, 1.03x to 1.13x (see
-// docs/benchmarks.md). The price: an allocation or growth that the inner
+// docs/design.md). The price: an allocation or growth that the inner
 // allocator refuses has been counted anyway. Only calls that stay within the
 // thread's slack window count first, so each such error is at most twice the
 // slack, and an allocator refuses such small requests only when the kernel
@@ -104,8 +107,10 @@ impl<A> MemWatch<A> {
 // SAFETY: every method forwards to the inner allocator with the caller's
 // arguments unchanged and returns its result unchanged, so `MemWatch` upholds
 // `GlobalAlloc`'s contract exactly when `A` does. Counting touches only
-// atomics and allocation-free thread-locals (see `counter`), never the memory
-// itself, and never unwinds.
+// atomics and allocation-free thread-locals (see `counter`), and over
+// jemalloc, on the cold paths, jemalloc's own `mallctl` and `sallocx`, which
+// never call back into Rust's allocator; it never touches the memory itself
+// and never unwinds.
 unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for MemWatch<A> {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
@@ -280,7 +285,6 @@ impl<A: GlobalAlloc + 'static> MemWatch<A> {
     #[cold]
     #[inline(never)]
     unsafe fn alloc_unlisted(layout: Layout, zeroed: bool, this: &Self) -> *mut u8 {
-        stats::note_jemalloc_inner();
         let listed = je::register_or_direct();
         // SAFETY: the caller upholds the contract for `layout`.
         let ptr = unsafe {

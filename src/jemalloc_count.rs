@@ -229,6 +229,8 @@ fn install(thunk: Thunk) -> bool {
 }
 
 fn register() {
+    // The trip report shows jemalloc's figures once some thread wraps it.
+    crate::stats::note_jemalloc_inner();
     STATE.with(|s| s.set(REGISTERING));
     // The first touch of `EXIT` registers its destructor, which can
     // allocate and so re-enter the allocator; those calls see `REGISTERING`
