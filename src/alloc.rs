@@ -114,45 +114,14 @@ impl<A> MemWatch<A> {
 unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for MemWatch<A> {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        #[cfg(all(feature = "jemalloc", target_pointer_width = "64"))]
-        if self.jemalloc_counts() {
-            return if je::listed() {
-                // SAFETY: the caller upholds `alloc`'s contract for `layout`.
-                unsafe { self.inner.alloc(layout) }
-            } else {
-                // SAFETY: as above.
-                unsafe { Self::alloc_unlisted(layout, false, self) }
-            };
-        }
-        if counter::try_record(layout.size() as isize, self.slack) {
-            // SAFETY: the caller upholds `alloc`'s contract for `layout`.
-            unsafe { self.inner.alloc(layout) }
-        } else {
-            // SAFETY: as above.
-            unsafe { Self::alloc_cold(layout, false, self) }
-        }
+        // SAFETY: the caller upholds `alloc`'s contract for `layout`.
+        unsafe { self.alloc_either(layout, false) }
     }
 
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        #[cfg(all(feature = "jemalloc", target_pointer_width = "64"))]
-        if self.jemalloc_counts() {
-            return if je::listed() {
-                // SAFETY: the caller upholds `alloc_zeroed`'s contract.
-                unsafe { self.inner.alloc_zeroed(layout) }
-            } else {
-                // SAFETY: as above.
-                unsafe { Self::alloc_unlisted(layout, true, self) }
-            };
-        }
-        if counter::try_record(layout.size() as isize, self.slack) {
-            // SAFETY: the caller upholds `alloc_zeroed`'s contract for
-            // `layout`.
-            unsafe { self.inner.alloc_zeroed(layout) }
-        } else {
-            // SAFETY: as above.
-            unsafe { Self::alloc_cold(layout, true, self) }
-        }
+        // SAFETY: the caller upholds `alloc_zeroed`'s contract for `layout`.
+        unsafe { self.alloc_either(layout, true) }
     }
 
     #[inline]
@@ -211,6 +180,50 @@ unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for MemWatch<A> {
 // they take the caller's arguments in the caller's order with `this` last,
 // so that the jump to them moves no register on the way.
 impl<A: GlobalAlloc + 'static> MemWatch<A> {
+    /// `alloc`, or `alloc_zeroed` if `zeroed`: one body for both, with
+    /// `zeroed` a constant wherever it is inlined.
+    ///
+    /// # Safety
+    ///
+    /// As [`GlobalAlloc::alloc`] (or `alloc_zeroed` if `zeroed`).
+    #[inline(always)]
+    unsafe fn alloc_either(&self, layout: Layout, zeroed: bool) -> *mut u8 {
+        #[cfg(all(feature = "jemalloc", target_pointer_width = "64"))]
+        if self.jemalloc_counts() {
+            return if je::listed() {
+                // SAFETY: the caller upholds the contract for `layout`.
+                unsafe { self.inner_alloc(layout, zeroed) }
+            } else {
+                // SAFETY: as above.
+                unsafe { Self::alloc_unlisted(layout, zeroed, self) }
+            };
+        }
+        if counter::try_record(layout.size() as isize, self.slack) {
+            // SAFETY: the caller upholds the contract for `layout`.
+            unsafe { self.inner_alloc(layout, zeroed) }
+        } else {
+            // SAFETY: as above.
+            unsafe { Self::alloc_cold(layout, zeroed, self) }
+        }
+    }
+
+    /// The inner allocator's `alloc`, or `alloc_zeroed` if `zeroed`.
+    ///
+    /// # Safety
+    ///
+    /// As [`GlobalAlloc::alloc`] (or `alloc_zeroed` if `zeroed`).
+    #[inline(always)]
+    unsafe fn inner_alloc(&self, layout: Layout, zeroed: bool) -> *mut u8 {
+        // SAFETY: the caller upholds the contract for `layout`.
+        unsafe {
+            if zeroed {
+                self.inner.alloc_zeroed(layout)
+            } else {
+                self.inner.alloc(layout)
+            }
+        }
+    }
+
     /// # Safety
     ///
     /// As [`GlobalAlloc::alloc`] (or `alloc_zeroed` if `zeroed`).
@@ -218,13 +231,7 @@ impl<A: GlobalAlloc + 'static> MemWatch<A> {
     #[inline(never)]
     unsafe fn alloc_cold(layout: Layout, zeroed: bool, this: &Self) -> *mut u8 {
         // SAFETY: the caller upholds the contract for `layout`.
-        let ptr = unsafe {
-            if zeroed {
-                this.inner.alloc_zeroed(layout)
-            } else {
-                this.inner.alloc(layout)
-            }
-        };
+        let ptr = unsafe { this.inner_alloc(layout, zeroed) };
         if !ptr.is_null() {
             counter::record(layout.size() as isize, this.slack, note_inner::<A>);
         }
@@ -287,13 +294,7 @@ impl<A: GlobalAlloc + 'static> MemWatch<A> {
     unsafe fn alloc_unlisted(layout: Layout, zeroed: bool, this: &Self) -> *mut u8 {
         let listed = je::register_or_direct();
         // SAFETY: the caller upholds the contract for `layout`.
-        let ptr = unsafe {
-            if zeroed {
-                this.inner.alloc_zeroed(layout)
-            } else {
-                this.inner.alloc(layout)
-            }
-        };
+        let ptr = unsafe { this.inner_alloc(layout, zeroed) };
         if !listed && !ptr.is_null() {
             // SAFETY: `ptr` is a live block of `inner`, which is jemalloc.
             counter::fold(unsafe { je::usable_size(ptr) });
