@@ -1,7 +1,7 @@
 //! Unit tests of the counter and the latch, driven through a `MemWatch`
 //! instance called directly. This test binary's global allocator is the
 //! default one, so only these calls move the shared count; the tests that
-//! touch it are serialised by `LOCK`.
+//! touch it run one at a time through `serial`.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::mpsc;
@@ -13,6 +13,18 @@ use crate::counter;
 use crate::{MemWatch, DEFAULT_SLACK};
 
 static LOCK: Mutex<()> = Mutex::new(());
+
+/// Runs `f` alone among the tests that touch the shared count, on a thread
+/// of its own that has ended, thread-local destructors included, before the
+/// next such test starts. A thread that counted folds what it holds when it
+/// exits; had `f` run on the test harness's thread, that fold would land in
+/// the middle of the next test.
+fn serial<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    let _g = LOCK.lock();
+    // Joining waits for the thread's end, destructors included (leaving the
+    // scope alone does not).
+    thread::scope(|s| s.spawn(f).join().unwrap())
+}
 
 static SMALL: MemWatch<System> = MemWatch::new(System).with_slack(64 << 10);
 
@@ -111,63 +123,66 @@ fn churn<A: GlobalAlloc + Sync + 'static>(
 
 #[test]
 fn exact_under_threads_with_cross_thread_frees_and_exits() {
-    let _g = LOCK.lock();
-    // Over `System` a block counts as its requested size.
-    let leaked = churn(&SMALL, |b| b.1.size());
-    assert_eq!(leaked, (0..8).map(|t| 1000 + t).sum::<usize>() * 20);
-    // The slots of exited threads are free again.
-    assert!(
-        counter::threads_with_slots() <= 2,
-        "{}",
-        counter::threads_with_slots()
-    );
+    serial(|| {
+        // Over `System` a block counts as its requested size.
+        let leaked = churn(&SMALL, |b| b.1.size());
+        assert_eq!(leaked, (0..8).map(|t| 1000 + t).sum::<usize>() * 20);
+        // The slots of exited threads are free again.
+        assert!(
+            counter::threads_with_slots() <= 2,
+            "{}",
+            counter::threads_with_slots()
+        );
+    })
 }
 
 #[test]
 fn large_allocation_goes_straight_to_the_folded_total() {
-    let _g = LOCK.lock();
-    let folded = counter::folded_bytes();
-    let b = alloc(&SMALL, 1 << 20);
-    assert_eq!(counter::folded_bytes() - folded, 1 << 20);
-    free(&SMALL, b);
-    assert_eq!(counter::folded_bytes(), folded);
+    serial(|| {
+        let folded = counter::folded_bytes();
+        let b = alloc(&SMALL, 1 << 20);
+        assert_eq!(counter::folded_bytes() - folded, 1 << 20);
+        free(&SMALL, b);
+        assert_eq!(counter::folded_bytes(), folded);
+    })
 }
 
 #[test]
 fn one_thread_using_instances_with_different_slacks_stays_exact() {
     static EXACT: MemWatch<System> = MemWatch::new(System).with_slack(0);
     static WIDE: MemWatch<System> = MemWatch::new(System).with_slack(1 << 20);
-    let _g = LOCK.lock();
-    // A fresh thread, so that the slot it claims is biased by whichever
-    // instance it touches first.
-    thread::spawn(|| {
-        let start = counter::live_bytes();
-        let mut held: Vec<(Block, &MemWatch<System>)> = Vec::new();
-        let mut expect = 0isize;
-        for i in 0..3000usize {
-            let size = 1 + (i * 7919) % 70_000;
-            let a: &MemWatch<System> = [&SMALL, &EXACT, &WIDE][i % 3];
-            if i % 4 == 3 {
-                if let Some((b, from)) = held.pop() {
-                    expect -= b.1.size() as isize;
-                    free(from, b);
+    serial(|| {
+        // A fresh thread, so that the slot it claims is biased by whichever
+        // instance it touches first.
+        thread::spawn(|| {
+            let start = counter::live_bytes();
+            let mut held: Vec<(Block, &MemWatch<System>)> = Vec::new();
+            let mut expect = 0isize;
+            for i in 0..3000usize {
+                let size = 1 + (i * 7919) % 70_000;
+                let a: &MemWatch<System> = [&SMALL, &EXACT, &WIDE][i % 3];
+                if i % 4 == 3 {
+                    if let Some((b, from)) = held.pop() {
+                        expect -= b.1.size() as isize;
+                        free(from, b);
+                    }
+                } else {
+                    held.push((alloc(a, size), a));
+                    expect += size as isize;
                 }
-            } else {
-                held.push((alloc(a, size), a));
-                expect += size as isize;
+                assert_eq!(counter::live_bytes() - start, expect, "step {i}");
+                // The shared total lags the truth by at most the widest slack.
+                let lag = (counter::live_bytes() - counter::folded_bytes()).abs();
+                assert!(lag <= 1 << 20, "step {i}: folded total off by {lag}");
             }
-            assert_eq!(counter::live_bytes() - start, expect, "step {i}");
-            // The shared total lags the truth by at most the widest slack.
-            let lag = (counter::live_bytes() - counter::folded_bytes()).abs();
-            assert!(lag <= 1 << 20, "step {i}: folded total off by {lag}");
-        }
-        for (b, from) in held {
-            free(from, b);
-        }
-        assert_eq!(counter::live_bytes(), start);
+            for (b, from) in held {
+                free(from, b);
+            }
+            assert_eq!(counter::live_bytes(), start);
+        })
+        .join()
+        .unwrap();
     })
-    .join()
-    .unwrap();
 }
 
 #[test]
@@ -181,40 +196,41 @@ fn readings_taken_while_threads_exit_stay_bounded_and_end_exact() {
 fn readings_while_threads_exit<A: GlobalAlloc + Sync + 'static>(a: &'static MemWatch<A>) {
     use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 
-    let _g = LOCK.lock();
-    let before = counter::live_bytes();
-    let stop = AtomicBool::new(false);
-    thread::scope(|s| {
-        let reader = s.spawn(|| {
-            let mut reads = 0u64;
-            while !stop.load(SeqCst) {
-                let off = counter::live_bytes() - before;
-                // 4 threads, each holding under 64 KiB and an unfolded
-                // count of at most 64 KiB.
-                assert!(off.abs() <= 1 << 20, "reading off by {off}");
-                reads += 1;
-            }
-            reads
-        });
-        for _ in 0..300 {
-            let workers: Vec<_> = (0..4)
-                .map(|t| {
-                    s.spawn(move || {
-                        let blocks: Vec<_> = (0..20).map(|i| alloc(a, 100 + i * t)).collect();
-                        for b in blocks {
-                            free(a, b);
-                        }
+    serial(|| {
+        let before = counter::live_bytes();
+        let stop = AtomicBool::new(false);
+        thread::scope(|s| {
+            let reader = s.spawn(|| {
+                let mut reads = 0u64;
+                while !stop.load(SeqCst) {
+                    let off = counter::live_bytes() - before;
+                    // 4 threads, each holding under 64 KiB and an unfolded
+                    // count of at most 64 KiB.
+                    assert!(off.abs() <= 1 << 20, "reading off by {off}");
+                    reads += 1;
+                }
+                reads
+            });
+            for _ in 0..300 {
+                let workers: Vec<_> = (0..4)
+                    .map(|t| {
+                        s.spawn(move || {
+                            let blocks: Vec<_> = (0..20).map(|i| alloc(a, 100 + i * t)).collect();
+                            for b in blocks {
+                                free(a, b);
+                            }
+                        })
                     })
-                })
-                .collect();
-            for w in workers {
-                w.join().unwrap();
+                    .collect();
+                for w in workers {
+                    w.join().unwrap();
+                }
             }
-        }
-        stop.store(true, SeqCst);
-        assert!(reader.join().unwrap() > 0);
-    });
-    assert_eq!(counter::live_bytes(), before);
+            stop.store(true, SeqCst);
+            assert!(reader.join().unwrap() > 0);
+        });
+        assert_eq!(counter::live_bytes(), before);
+    })
 }
 
 #[test]
@@ -234,45 +250,46 @@ fn beyond_the_table<A: GlobalAlloc + Sync + 'static>(
     use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
     use std::sync::Barrier;
 
-    let _g = LOCK.lock();
-    let before = counter::live_bytes();
-    let threads = counter::SLOTS + 44;
-    let all_allocated = Barrier::new(threads + 1);
-    let may_free = Barrier::new(threads + 1);
-    let held = AtomicUsize::new(0);
-    thread::scope(|s| {
-        let workers: Vec<_> = (0..threads)
-            .map(|t| {
-                let (all_allocated, may_free, held) = (&all_allocated, &may_free, &held);
-                s.spawn(move || {
-                    let b = alloc(a, 500 + t);
-                    let grown = Layout::from_size_align(1000 + t, 8).unwrap();
-                    // SAFETY: `b` came from `a` with `b.1`.
-                    let b = Block(unsafe { a.realloc(b.0, b.1, grown.size()) }, grown);
-                    assert!(!b.0.is_null());
-                    held.fetch_add(counted(&b), SeqCst);
-                    all_allocated.wait();
-                    may_free.wait();
-                    free(a, b);
+    serial(|| {
+        let before = counter::live_bytes();
+        let threads = counter::SLOTS + 44;
+        let all_allocated = Barrier::new(threads + 1);
+        let may_free = Barrier::new(threads + 1);
+        let held = AtomicUsize::new(0);
+        thread::scope(|s| {
+            let workers: Vec<_> = (0..threads)
+                .map(|t| {
+                    let (all_allocated, may_free, held) = (&all_allocated, &may_free, &held);
+                    s.spawn(move || {
+                        let b = alloc(a, 500 + t);
+                        let grown = Layout::from_size_align(1000 + t, 8).unwrap();
+                        // SAFETY: `b` came from `a` with `b.1`.
+                        let b = Block(unsafe { a.realloc(b.0, b.1, grown.size()) }, grown);
+                        assert!(!b.0.is_null());
+                        held.fetch_add(counted(&b), SeqCst);
+                        all_allocated.wait();
+                        may_free.wait();
+                        free(a, b);
+                    })
                 })
-            })
-            .collect();
-        all_allocated.wait();
-        let (now_listed, now_live) = (listed(), counter::live_bytes() - before);
-        // Let the workers go before asserting: a failed assertion here
-        // would otherwise leave them at the barrier and the scope waiting.
-        may_free.wait();
-        // Every entry is taken; the other 44 threads count in the total.
-        assert_eq!(now_listed, counter::SLOTS);
-        assert_eq!(now_live, held.load(SeqCst) as isize);
-        // Joining waits for each thread's end, thread-local destructors
-        // included (leaving the scope alone does not).
-        for w in workers {
-            w.join().unwrap();
-        }
-    });
-    assert_eq!(counter::live_bytes(), before);
-    assert_eq!(listed(), 0);
+                .collect();
+            all_allocated.wait();
+            let (now_listed, now_live) = (listed(), counter::live_bytes() - before);
+            // Let the workers go before asserting: a failed assertion here
+            // would otherwise leave them at the barrier and the scope waiting.
+            may_free.wait();
+            // Every entry is taken; the other 44 threads count in the total.
+            assert_eq!(now_listed, counter::SLOTS);
+            assert_eq!(now_live, held.load(SeqCst) as isize);
+            // Joining waits for each thread's end, thread-local destructors
+            // included (leaving the scope alone does not).
+            for w in workers {
+                w.join().unwrap();
+            }
+        });
+        assert_eq!(counter::live_bytes(), before);
+        assert_eq!(listed(), 0);
+    })
 }
 
 /// An inner allocator that refuses every request.
@@ -288,16 +305,17 @@ unsafe impl GlobalAlloc for Refuse {
 
 #[test]
 fn with_no_slack_a_refused_request_counts_nothing() {
-    let _g = LOCK.lock();
-    let a = MemWatch::new(Refuse).with_slack(0);
-    let before = counter::live_bytes();
-    let layout = Layout::from_size_align(4096, 8).unwrap();
-    // SAFETY: non-zero size; the result is null and never used.
-    unsafe {
-        assert!(a.alloc(layout).is_null());
-        assert!(a.alloc_zeroed(layout).is_null());
-    }
-    assert_eq!(counter::live_bytes(), before);
+    serial(|| {
+        let a = MemWatch::new(Refuse).with_slack(0);
+        let before = counter::live_bytes();
+        let layout = Layout::from_size_align(4096, 8).unwrap();
+        // SAFETY: non-zero size; the result is null and never used.
+        unsafe {
+            assert!(a.alloc(layout).is_null());
+            assert!(a.alloc_zeroed(layout).is_null());
+        }
+        assert_eq!(counter::live_bytes(), before);
+    })
 }
 
 /// Calls within the slack window count before the inner allocator runs (so
@@ -307,29 +325,30 @@ fn with_no_slack_a_refused_request_counts_nothing() {
 #[test]
 fn a_refused_request_stays_counted_only_within_the_slack_window() {
     static COUNTED: MemWatch<System> = MemWatch::new(System);
-    let _g = LOCK.lock();
-    thread::spawn(|| {
-        // List this thread, with the default slack, through an allocator
-        // that succeeds.
-        free(&COUNTED, alloc(&COUNTED, 16));
-        let a = MemWatch::new(Refuse);
-        let before = counter::live_bytes();
-        let large = Layout::from_size_align(2 * DEFAULT_SLACK + 1, 8).unwrap();
-        let small = Layout::from_size_align(4096, 8).unwrap();
-        // SAFETY: non-zero sizes; the results are null and never used.
-        unsafe {
-            assert!(a.alloc(large).is_null());
-            assert!(a.alloc_zeroed(large).is_null());
-            assert_eq!(counter::live_bytes(), before, "a refused large request");
-            assert!(a.alloc(small).is_null());
-            assert_eq!(counter::live_bytes(), before + 4096, "a refused small one");
-        }
-        // Take the documented error back out, so later tests start even.
-        counter::record(-4096, DEFAULT_SLACK, || {});
-        assert_eq!(counter::live_bytes(), before);
+    serial(|| {
+        thread::spawn(|| {
+            // List this thread, with the default slack, through an allocator
+            // that succeeds.
+            free(&COUNTED, alloc(&COUNTED, 16));
+            let a = MemWatch::new(Refuse);
+            let before = counter::live_bytes();
+            let large = Layout::from_size_align(2 * DEFAULT_SLACK + 1, 8).unwrap();
+            let small = Layout::from_size_align(4096, 8).unwrap();
+            // SAFETY: non-zero sizes; the results are null and never used.
+            unsafe {
+                assert!(a.alloc(large).is_null());
+                assert!(a.alloc_zeroed(large).is_null());
+                assert_eq!(counter::live_bytes(), before, "a refused large request");
+                assert!(a.alloc(small).is_null());
+                assert_eq!(counter::live_bytes(), before + 4096, "a refused small one");
+            }
+            // Take the documented error back out, so later tests start even.
+            counter::record(-4096, DEFAULT_SLACK, || {});
+            assert_eq!(counter::live_bytes(), before);
+        })
+        .join()
+        .unwrap();
     })
-    .join()
-    .unwrap();
 }
 
 #[test]
@@ -337,38 +356,39 @@ fn latch_fires_once_and_wakes_the_watchdog_thread() {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
 
-    let _g = LOCK.lock();
-    static WAKES: AtomicUsize = AtomicUsize::new(0);
-    let fake_watchdog = thread::spawn(|| {
-        while crate::latch::tripped_at().is_none() {
-            thread::park();
+    serial(|| {
+        static WAKES: AtomicUsize = AtomicUsize::new(0);
+        let fake_watchdog = thread::spawn(|| {
+            while crate::latch::tripped_at().is_none() {
+                thread::park();
+            }
+            WAKES.fetch_add(1, Ordering::SeqCst);
+        });
+        let base = counter::live_bytes();
+        let threshold = base + (8 << 20);
+        crate::latch::arm(threshold, fake_watchdog.thread().clone());
+        assert!(!crate::tripped());
+        // Many threads cross together and stay above.
+        let held: Vec<_> = (0..8)
+            .map(|_| thread::spawn(|| (0..4).map(|_| alloc(&SMALL, 1 << 20)).collect::<Vec<_>>()))
+            .collect::<Vec<_>>()
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect();
+        fake_watchdog.join().unwrap();
+        let at = crate::latch::tripped_at().expect("tripped");
+        assert!(at > threshold, "tripped at {at}, threshold {threshold}");
+        // More crossings do not move the latch.
+        let more = alloc(&SMALL, 16 << 20);
+        free(&SMALL, more);
+        assert_eq!(crate::latch::tripped_at(), Some(at));
+        assert_eq!(WAKES.load(Ordering::SeqCst), 1);
+        for b in held {
+            free(&SMALL, b);
         }
-        WAKES.fetch_add(1, Ordering::SeqCst);
-    });
-    let base = counter::live_bytes();
-    let threshold = base + (8 << 20);
-    crate::latch::arm(threshold, fake_watchdog.thread().clone());
-    assert!(!crate::tripped());
-    // Many threads cross together and stay above.
-    let held: Vec<_> = (0..8)
-        .map(|_| thread::spawn(|| (0..4).map(|_| alloc(&SMALL, 1 << 20)).collect::<Vec<_>>()))
-        .collect::<Vec<_>>()
-        .into_iter()
-        .flat_map(|h| h.join().unwrap())
-        .collect();
-    fake_watchdog.join().unwrap();
-    let at = crate::latch::tripped_at().expect("tripped");
-    assert!(at > threshold, "tripped at {at}, threshold {threshold}");
-    // More crossings do not move the latch.
-    let more = alloc(&SMALL, 16 << 20);
-    free(&SMALL, more);
-    assert_eq!(crate::latch::tripped_at(), Some(at));
-    assert_eq!(WAKES.load(Ordering::SeqCst), 1);
-    for b in held {
-        free(&SMALL, b);
-    }
-    std::thread::sleep(Duration::from_millis(1));
-    assert!(crate::peak_bytes() as isize >= at);
+        std::thread::sleep(Duration::from_millis(1));
+        assert!(crate::peak_bytes() as isize >= at);
+    })
 }
 
 /// Over jemalloc (with a slack of at least 64 KiB) the count is jemalloc's
@@ -389,13 +409,14 @@ mod over_jemalloc {
 
     #[test]
     fn the_reading_counts_usable_sizes_exactly_under_threads_that_come_and_go() {
-        let _g = LOCK.lock();
-        let leaked = churn(&JE, usable);
-        // 1000 + t bytes round up to 1024 in jemalloc's size classes.
-        assert_eq!(leaked, 160 * 1024);
-        // Only this test's own thread, which freed the leaks, is still
-        // listed.
-        assert!(jemalloc_count::threads_listed() <= 1);
+        serial(|| {
+            let leaked = churn(&JE, usable);
+            // 1000 + t bytes round up to 1024 in jemalloc's size classes.
+            assert_eq!(leaked, 160 * 1024);
+            // Only this test's own thread, which freed the leaks, is still
+            // listed.
+            assert!(jemalloc_count::threads_listed() <= 1);
+        })
     }
 
     #[test]
@@ -410,51 +431,55 @@ mod over_jemalloc {
 
     #[test]
     fn the_threshold_check_lags_the_reading_by_less_than_64_kib_per_thread() {
-        let _g = LOCK.lock();
-        thread::spawn(|| {
-            let start = counter::live_bytes();
-            let mut held = Vec::new();
-            for i in 0..2000usize {
-                if i % 5 == 4 {
-                    free(&JE, held.swap_remove(i % held.len()));
-                } else {
-                    held.push(alloc(&JE, 64 + (i * 7919) % 8000));
+        serial(|| {
+            thread::spawn(|| {
+                let start = counter::live_bytes();
+                let mut held = Vec::new();
+                for i in 0..2000usize {
+                    if i % 5 == 4 {
+                        free(&JE, held.swap_remove(i % held.len()));
+                    } else {
+                        held.push(alloc(&JE, 64 + (i * 7919) % 8000));
+                    }
+                    let lag = counter::live_bytes() - counter::folded_bytes();
+                    assert!(
+                        lag.unsigned_abs() < EVENT_BYTES,
+                        "step {i}: the shared total lags by {lag}"
+                    );
                 }
-                let lag = counter::live_bytes() - counter::folded_bytes();
+                let held_bytes: usize = held.iter().map(usable).sum();
+                assert_eq!(counter::live_bytes() - start, held_bytes as isize);
+                // Without jemalloc's callback nothing would have been folded.
                 assert!(
-                    lag.unsigned_abs() < EVENT_BYTES,
-                    "step {i}: the shared total lags by {lag}"
+                    counter::folded_bytes() - start > held_bytes as isize - EVENT_BYTES as isize
                 );
-            }
-            let held_bytes: usize = held.iter().map(usable).sum();
-            assert_eq!(counter::live_bytes() - start, held_bytes as isize);
-            // Without jemalloc's callback nothing would have been folded.
-            assert!(counter::folded_bytes() - start > held_bytes as isize - EVENT_BYTES as isize);
-            for b in held {
-                free(&JE, b);
-            }
-            assert_eq!(counter::live_bytes(), start);
+                for b in held {
+                    free(&JE, b);
+                }
+                assert_eq!(counter::live_bytes(), start);
+            })
+            .join()
+            .unwrap();
         })
-        .join()
-        .unwrap();
     }
 
     #[test]
     fn a_slack_below_64_kib_counts_requested_sizes_on_every_call() {
         static EXACT: MemWatch<Jemalloc> = MemWatch::new(Jemalloc).with_slack(0);
-        let _g = LOCK.lock();
-        thread::spawn(|| {
-            let start = counter::live_bytes();
-            let b = alloc(&EXACT, 100);
-            // Requested, not usable (112), and folded at once.
-            assert_eq!(counter::live_bytes() - start, 100);
-            assert_eq!(counter::folded_bytes(), counter::live_bytes());
-            free(&EXACT, b);
-            assert_eq!(counter::live_bytes(), start);
-            // The thread is not listed for jemalloc's counters.
-            assert_eq!(jemalloc_count::threads_listed(), 0);
+        serial(|| {
+            thread::spawn(|| {
+                let start = counter::live_bytes();
+                let b = alloc(&EXACT, 100);
+                // Requested, not usable (112), and folded at once.
+                assert_eq!(counter::live_bytes() - start, 100);
+                assert_eq!(counter::folded_bytes(), counter::live_bytes());
+                free(&EXACT, b);
+                assert_eq!(counter::live_bytes(), start);
+                // The thread is not listed for jemalloc's counters.
+                assert_eq!(jemalloc_count::threads_listed(), 0);
+            })
+            .join()
+            .unwrap();
         })
-        .join()
-        .unwrap();
     }
 }
