@@ -234,6 +234,50 @@ fn readings_while_threads_exit<A: GlobalAlloc + Sync + 'static>(a: &'static MemW
 }
 
 #[test]
+fn a_thread_that_only_frees_is_counted() {
+    only_frees(&SMALL, |b| b.1.size());
+}
+
+/// A consumer thread that never allocates through `a` frees what a producer
+/// allocated (a channel's far end, a thread that drops values for others):
+/// its frees must come off the reading, while it runs and after it exits.
+/// `counted` is what a block counts as.
+fn only_frees<A: GlobalAlloc + Sync + 'static>(
+    a: &'static MemWatch<A>,
+    counted: fn(&Block) -> usize,
+) {
+    serial(|| {
+        let before = counter::live_bytes();
+        let (tx, rx) = mpsc::channel::<Block>();
+        let (freed_tx, freed_rx) = mpsc::channel::<()>();
+        let consumer = thread::spawn(move || {
+            for b in rx {
+                free(a, b);
+                freed_tx.send(()).unwrap();
+            }
+        });
+        let mut sent = 0isize;
+        for i in 0..2000 {
+            let b = alloc(a, 16 + (i * 131) % 4000);
+            sent += counted(&b) as isize;
+            tx.send(b).unwrap();
+            if i == 999 {
+                // Half way, with the consumer still running, everything sent so
+                // far is freed: the reading is back where it started.
+                for _ in 0..1000 {
+                    freed_rx.recv().unwrap();
+                }
+                let off = counter::live_bytes() - before;
+                assert_eq!(off, 0, "{sent} bytes sent and freed, reading up by {off}");
+            }
+        }
+        drop(tx);
+        consumer.join().unwrap();
+        assert_eq!(counter::live_bytes(), before);
+    })
+}
+
+#[test]
 fn threads_beyond_the_table_count_exactly_through_the_shared_total() {
     beyond_the_table(&SMALL, |b| b.1.size(), counter::threads_with_slots);
 }
@@ -422,6 +466,11 @@ mod over_jemalloc {
     #[test]
     fn readings_taken_while_threads_exit_stay_bounded_and_end_exact() {
         readings_while_threads_exit(&JE);
+    }
+
+    #[test]
+    fn a_thread_that_only_frees_is_counted_by_usable_size() {
+        only_frees(&JE, usable);
     }
 
     #[test]
