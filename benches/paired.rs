@@ -250,6 +250,15 @@ fn workload<const SIZE: usize>(threads: usize, n_rounds: usize, rows: &mut Vec<S
         "thread-check",
         &common::THREAD_CHECK,
     );
+    // The same compare on a byte in an ordinary static.
+    run::<SIZE, _>(
+        &mut one,
+        threads,
+        n,
+        n_rounds,
+        "static-check",
+        &common::STATIC_CHECK,
+    );
     #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
     {
         let j = &common::JEMALLOC;

@@ -111,7 +111,7 @@ def paired():
         return "(paired bench not run)", 0
     layouts = [json.load(open(f)) for f in files]
     cols = [a for a in ORDER if a != "jemalloc"]
-    head = cols + ["thread-local check only", "memwatch-jemalloc, 4 loop placements",
+    head = cols + ["thread-local check only", "static check only", "memwatch-jemalloc, 4 loop placements",
                    "jemalloc, loop moved %s B" % "/".join(str(m) for m in MOVES),
                    "memwatch-jemalloc, inlined"]
     lines = ["| workload | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
@@ -128,6 +128,7 @@ def paired():
     for g in sorted(layouts[0], key=group_key):
         cells = [cell(g, a) for a in cols]
         cells.append(cell(g, "thread-check"))
+        cells.append(cell(g, "static-check"))
         cells.append(cell(g, "memwatch-jemalloc@4"))
         cells.append(" / ".join(cell(g, "jemalloc+%dB" % pad, spread=False) for pad in MOVES))
         cells.append(cell(g, "memwatch-jemalloc-inlined"))

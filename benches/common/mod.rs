@@ -4,8 +4,10 @@
 #![allow(dead_code)]
 
 use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
 use std::hint::black_box;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 
 use memwatch::{Jemalloc, MemWatch};
 
@@ -51,44 +53,106 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for SharedAtomic<A> {
     }
 }
 
-/// The floor of any design that keeps something per thread: before jumping
-/// into jemalloc it compares one thread-local byte, which the thread's first
-/// call sets, and does nothing else. memwatch over jemalloc does exactly
-/// this on its fast path; the paired table shows what the compare alone
-/// costs.
-pub struct ThreadCheck;
+/// A wrapper over jemalloc whose only work is one compare of a flag that
+/// the first call sets, with memwatch's shape: on the fast path the compare
+/// and then the jump into jemalloc, the first call through a cold function.
+/// [`ThreadCheck`] keeps the flag in a thread-local, as any design that
+/// keeps something per thread must (memwatch over jemalloc does exactly
+/// this on its fast path); [`StaticCheck`] in an ordinary static, which no
+/// such design can use. Side by side in the paired table, the first shows
+/// what the compare costs, the difference between the two what the
+/// thread-local load costs.
+pub struct Check<F>(PhantomData<F>);
+
+/// Where a [`Check`] keeps its flag.
+pub trait Flag: 'static {
+    fn is_set() -> bool;
+    fn set();
+}
+
+pub enum InThread {}
+pub enum InStatic {}
 
 thread_local! {
-    static SEEN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static SEEN: Cell<bool> = const { Cell::new(false) };
 }
 
-#[cold]
-#[inline(never)]
-fn first_call() {
-    SEEN.with(|s| s.set(true));
-}
+static STATIC_SEEN: AtomicBool = AtomicBool::new(false);
 
-// SAFETY: forwards every call unchanged to jemalloc.
-unsafe impl GlobalAlloc for ThreadCheck {
+impl Flag for InThread {
     #[inline]
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if !SEEN.with(std::cell::Cell::get) {
-            first_call();
-        }
+    fn is_set() -> bool {
+        SEEN.with(Cell::get)
+    }
+    fn set() {
+        SEEN.with(|s| s.set(true));
+    }
+}
+
+// A flag read only by this bench's own compare: Relaxed is enough.
+impl Flag for InStatic {
+    #[inline]
+    fn is_set() -> bool {
+        STATIC_SEEN.load(Relaxed)
+    }
+    fn set() {
+        STATIC_SEEN.store(true, Relaxed);
+    }
+}
+
+pub type ThreadCheck = Check<InThread>;
+pub type StaticCheck = Check<InStatic>;
+
+impl<F: Flag> Check<F> {
+    /// # Safety
+    ///
+    /// As `GlobalAlloc::alloc`.
+    #[cold]
+    #[inline(never)]
+    unsafe fn first_alloc(layout: Layout) -> *mut u8 {
+        F::set();
         // SAFETY: the caller upholds `alloc`'s contract.
         unsafe { Jemalloc.alloc(layout) }
     }
-    #[inline]
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        if !SEEN.with(std::cell::Cell::get) {
-            first_call();
-        }
+
+    /// # Safety
+    ///
+    /// As `GlobalAlloc::dealloc`.
+    #[cold]
+    #[inline(never)]
+    unsafe fn first_dealloc(ptr: *mut u8, layout: Layout) {
+        F::set();
         // SAFETY: `ptr` came from jemalloc with `layout`.
         unsafe { Jemalloc.dealloc(ptr, layout) }
     }
 }
 
-pub static THREAD_CHECK: ThreadCheck = ThreadCheck;
+// SAFETY: forwards every call unchanged to jemalloc.
+unsafe impl<F: Flag> GlobalAlloc for Check<F> {
+    #[inline]
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if F::is_set() {
+            // SAFETY: the caller upholds `alloc`'s contract.
+            unsafe { Jemalloc.alloc(layout) }
+        } else {
+            // SAFETY: as above.
+            unsafe { Self::first_alloc(layout) }
+        }
+    }
+    #[inline]
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        if F::is_set() {
+            // SAFETY: `ptr` came from jemalloc with `layout`.
+            unsafe { Jemalloc.dealloc(ptr, layout) }
+        } else {
+            // SAFETY: as above.
+            unsafe { Self::first_dealloc(ptr, layout) }
+        }
+    }
+}
+
+pub static THREAD_CHECK: ThreadCheck = Check(PhantomData);
+pub static STATIC_CHECK: StaticCheck = Check(PhantomData);
 pub static SYSTEM: System = System;
 pub static JEMALLOC: Jemalloc = Jemalloc;
 pub static MEMWATCH_JEMALLOC: MemWatch<Jemalloc> = MemWatch::new(Jemalloc);
@@ -137,6 +201,7 @@ global! {
     cap::Cap<Jemalloc> => CAP_JEMALLOC,
     SharedAtomic<Jemalloc> => ATOMIC_JEMALLOC,
     ThreadCheck => THREAD_CHECK,
+    StaticCheck => STATIC_CHECK,
 }
 
 /// What rustc generates as `__rust_alloc` for a `#[global_allocator]`: a
