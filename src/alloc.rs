@@ -173,12 +173,7 @@ unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for MemWatch<A> {
     }
 }
 
-// The cold paths: the call falls outside the thread's slack window (a fold
-// is due, the request is large, or the thread has no table entry yet). Each
-// calls the inner allocator first and counts only what succeeded. They are
-// never inlined, so that the fast paths above stay a count and a jump, and
-// they take the caller's arguments in the caller's order with `this` last,
-// so that the jump to them moves no register on the way.
+// The fast paths' shared body.
 impl<A: GlobalAlloc + 'static> MemWatch<A> {
     /// `alloc`, or `alloc_zeroed` if `zeroed`: one body for both, with
     /// `zeroed` a constant wherever it is inlined.
@@ -223,7 +218,15 @@ impl<A: GlobalAlloc + 'static> MemWatch<A> {
             }
         }
     }
+}
 
+// The cold paths: the call falls outside the thread's slack window (a fold
+// is due, the request is large, or the thread has no table entry yet). Each
+// calls the inner allocator first and counts only what succeeded. They are
+// never inlined, so that the fast paths above stay a count and a jump, and
+// they take the caller's arguments in the caller's order with `this` last,
+// so that the jump to them moves no register on the way.
+impl<A: GlobalAlloc + 'static> MemWatch<A> {
     /// # Safety
     ///
     /// As [`GlobalAlloc::alloc`] (or `alloc_zeroed` if `zeroed`).
