@@ -278,6 +278,61 @@ fn only_frees<A: GlobalAlloc + Sync + 'static>(
 }
 
 #[test]
+fn calls_from_destructors_that_run_after_the_exit_fold_are_counted() {
+    late_destructor(&SMALL, |b| b.1.size());
+}
+
+/// A thread-local whose destructor calls `a` after memwatch's own exit
+/// destructor has folded the thread's count: it allocates, frees, and leaks
+/// one block to the test. Destructors run in the reverse order of first use,
+/// so touching the thread-local before the first call through `a` puts its
+/// destructor after memwatch's. The leak must count, and the frees must come
+/// off. `counted` is what a block counts as.
+fn late_destructor<A: GlobalAlloc + Sync + 'static>(
+    a: &'static MemWatch<A>,
+    counted: fn(&Block) -> usize,
+) {
+    use std::cell::RefCell;
+
+    struct Late<A: GlobalAlloc + 'static> {
+        a: &'static MemWatch<A>,
+        leak_to: mpsc::Sender<Block>,
+    }
+    impl<A: GlobalAlloc + 'static> Drop for Late<A> {
+        fn drop(&mut self) {
+            let held: Vec<_> = (0..50).map(|i| alloc(self.a, 100 + i * 97)).collect();
+            for b in held {
+                free(self.a, b);
+            }
+            self.leak_to.send(alloc(self.a, 3000)).unwrap();
+        }
+    }
+    thread_local! {
+        static LATE: RefCell<Option<Box<dyn std::any::Any>>> = const { RefCell::new(None) };
+    }
+
+    serial(|| {
+        let before = counter::live_bytes();
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            LATE.with(|l| *l.borrow_mut() = Some(Box::new(Late { a, leak_to: tx })));
+            // The first call through `a`: memwatch's destructor comes later.
+            let blocks: Vec<_> = (0..20).map(|i| alloc(a, 64 + i)).collect();
+            for b in blocks {
+                free(a, b);
+            }
+        })
+        .join()
+        .unwrap();
+        let leak = rx.recv().unwrap();
+        let off = counter::live_bytes() - before;
+        assert_eq!(off, counted(&leak) as isize, "after the thread's end");
+        free(a, leak);
+        assert_eq!(counter::live_bytes(), before);
+    })
+}
+
+#[test]
 fn threads_beyond_the_table_count_exactly_through_the_shared_total() {
     beyond_the_table(&SMALL, |b| b.1.size(), counter::threads_with_slots);
 }
@@ -471,6 +526,11 @@ mod over_jemalloc {
     #[test]
     fn a_thread_that_only_frees_is_counted_by_usable_size() {
         only_frees(&JE, usable);
+    }
+
+    #[test]
+    fn calls_from_destructors_that_run_after_the_exit_fold_are_counted_by_usable_size() {
+        late_destructor(&JE, usable);
     }
 
     #[test]
