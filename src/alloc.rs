@@ -23,14 +23,15 @@ pub type DefaultInner = std::alloc::System;
 /// Every `MemWatch` in a process shares one counter and one latch: a process
 /// has one global allocator, and the count is the process's.
 ///
-/// Over [`Jemalloc`](crate::Jemalloc) with a slack of 64 KiB or more (the
-/// default is 4 MiB), the count is jemalloc's own per-thread counters, in
-/// usable sizes, and the threshold check lags by less than 64 KiB per thread.
-/// Over any other inner allocator, or with a smaller slack, memwatch counts
-/// requested sizes itself. Wrapping jemalloc twice in one process, once on
-/// each side of 64 KiB, would count the blocks of a thread that uses both
-/// twice; a process has one global allocator, so this only concerns
-/// instances called directly.
+/// Over [`Jemalloc`](crate::Jemalloc), the count is jemalloc's own
+/// per-thread counters, in usable sizes, and the threshold check lags by less
+/// than 64 KiB per thread (or the slack, if smaller). On Linux with glibc,
+/// memwatch registers each thread as it starts, from its own
+/// `pthread_create`, and the wrapper adds nothing to a call: threads that a
+/// shared library starts with its own `pthread_create` are not counted (the
+/// `register-on-first-call` feature counts them, with a check on every
+/// call). Over any other inner allocator, memwatch counts requested sizes
+/// itself, in per-thread batches of `slack` bytes.
 ///
 /// ```
 /// use memwatch::MemWatch;
@@ -59,9 +60,11 @@ impl<A> MemWatch<A> {
     /// per thread. `0` folds every call: exact, and as slow as one shared
     /// atomic.
     ///
-    /// Over jemalloc, any slack of 64 KiB or more gives jemalloc's own
-    /// counters, folded every 64 KiB (a tighter bound than asked for, at no
-    /// cost); a smaller one gives memwatch's own count with that slack.
+    /// Over jemalloc, the counters are jemalloc's, folded every 64 KiB of a
+    /// thread's allocation or free whatever the slack (a tighter bound than
+    /// asked for, at no cost); a smaller slack also folds after every call
+    /// that leaves more than the slack unfolded, which costs a few loads per
+    /// call.
     ///
     /// # Panics
     ///
@@ -87,9 +90,10 @@ impl<A> MemWatch<A> {
 // `Layout::size()` is at most `isize::MAX`, so the `as isize` casts below are
 // lossless; the realloc difference of two such sizes cannot overflow either.
 //
-// Over jemalloc (with a slack of at least 64 KiB) each method only checks
-// that jemalloc counts for the calling thread, and jumps into it; see
-// `jemalloc_count`. Otherwise each method counts first, in memwatch's own
+// Over jemalloc (with a slack of at least 64 KiB) each method jumps into
+// jemalloc, which counts, after checking that it counts for the calling
+// thread where threads register on their first call; see `jemalloc_count`.
+// Otherwise each method counts first, in memwatch's own
 // per-thread count, and then hands the call to the inner allocator as its
 // last act. Compiled into `__rust_alloc` and friends, that last act is a
 // jump, not a call: no stack frame, no register saved across the call, no
@@ -128,7 +132,10 @@ unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for MemWatch<A> {
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         #[cfg(all(feature = "jemalloc", target_pointer_width = "64"))]
         if self.jemalloc_counts() {
-            return if je::listed() {
+            return if self.slack < je::EVENT_BYTES {
+                // SAFETY: the caller's contract, passed on.
+                unsafe { Self::dealloc_settled(ptr, layout, self) }
+            } else if je::listed() {
                 // SAFETY: the caller guarantees `ptr` came from this
                 // allocator, hence from `inner`, with `layout`.
                 unsafe { self.inner.dealloc(ptr, layout) }
@@ -152,7 +159,10 @@ unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for MemWatch<A> {
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         #[cfg(all(feature = "jemalloc", target_pointer_width = "64"))]
         if self.jemalloc_counts() {
-            return if je::listed() {
+            return if self.slack < je::EVENT_BYTES {
+                // SAFETY: the caller's contract, passed on.
+                unsafe { Self::realloc_settled(ptr, layout, new_size, self) }
+            } else if je::listed() {
                 // SAFETY: the caller upholds `realloc`'s contract; `ptr`
                 // came from `inner` as in `dealloc`.
                 unsafe { self.inner.realloc(ptr, layout, new_size) }
@@ -185,7 +195,10 @@ impl<A: GlobalAlloc + 'static> MemWatch<A> {
     unsafe fn alloc_either(&self, layout: Layout, zeroed: bool) -> *mut u8 {
         #[cfg(all(feature = "jemalloc", target_pointer_width = "64"))]
         if self.jemalloc_counts() {
-            return if je::listed() {
+            return if self.slack < je::EVENT_BYTES {
+                // SAFETY: the caller's contract, passed on.
+                unsafe { Self::alloc_settled(layout, zeroed, self) }
+            } else if je::listed() {
                 // SAFETY: the caller upholds the contract for `layout`.
                 unsafe { self.inner_alloc(layout, zeroed) }
             } else {
@@ -280,13 +293,71 @@ impl<A: GlobalAlloc + 'static> MemWatch<A> {
 #[cfg(all(feature = "jemalloc", target_pointer_width = "64"))]
 impl<A: GlobalAlloc + 'static> MemWatch<A> {
     /// Whether jemalloc's own counters count this allocator's calls: `A` is
-    /// jemalloc and the slack is at least jemalloc's callback interval
-    /// (64 KiB), so the threshold check stays within the slack. In a
-    /// `static` both are constants, and the compiler keeps one path.
+    /// jemalloc. A constant wherever it is inlined, as is the slack of a
+    /// `static`, so the compiler keeps one path.
     #[inline(always)]
     fn jemalloc_counts(&self) -> bool {
         std::any::TypeId::of::<A>() == std::any::TypeId::of::<tikv_jemallocator::Jemalloc>()
-            && self.slack >= je::EVENT_BYTES
+    }
+
+    // A slack under 64 KiB asks for a tighter threshold check than
+    // jemalloc's callback gives: these fold after every call whose thread
+    // has more than the slack unfolded.
+
+    /// # Safety
+    ///
+    /// As [`GlobalAlloc::alloc`] (or `alloc_zeroed` if `zeroed`).
+    #[inline(never)]
+    unsafe fn alloc_settled(layout: Layout, zeroed: bool, this: &Self) -> *mut u8 {
+        // SAFETY: the caller upholds the contract for `layout`.
+        let ptr = unsafe {
+            if je::listed() {
+                this.inner_alloc(layout, zeroed)
+            } else {
+                Self::alloc_unlisted(layout, zeroed, this)
+            }
+        };
+        je::settle(this.slack);
+        ptr
+    }
+
+    /// # Safety
+    ///
+    /// As [`GlobalAlloc::dealloc`].
+    #[inline(never)]
+    unsafe fn dealloc_settled(ptr: *mut u8, layout: Layout, this: &Self) {
+        // SAFETY: the caller guarantees `ptr` came from `inner` with
+        // `layout`.
+        unsafe {
+            if je::listed() {
+                this.inner.dealloc(ptr, layout)
+            } else {
+                Self::dealloc_unlisted(ptr, layout, this)
+            }
+        }
+        je::settle(this.slack);
+    }
+
+    /// # Safety
+    ///
+    /// As [`GlobalAlloc::realloc`].
+    #[inline(never)]
+    unsafe fn realloc_settled(
+        ptr: *mut u8,
+        layout: Layout,
+        new_size: usize,
+        this: &Self,
+    ) -> *mut u8 {
+        // SAFETY: the caller upholds `realloc`'s contract.
+        let new = unsafe {
+            if je::listed() {
+                this.inner.realloc(ptr, layout, new_size)
+            } else {
+                Self::realloc_unlisted(ptr, layout, new_size, this)
+            }
+        };
+        je::settle(this.slack);
+        new
     }
 
     /// # Safety

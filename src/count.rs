@@ -226,6 +226,13 @@ impl Folded {
         Some(now)
     }
 
+    /// How much of the running count `net` is not folded yet. Owner only.
+    #[cfg(not(loom))]
+    pub(crate) fn pending(&self, net: isize) -> isize {
+        // Relaxed: only the owner writes `folded`.
+        net.wrapping_sub(self.folded.load(Relaxed))
+    }
+
     /// Nothing folded, for a count just listed. Owner only, before listing.
     #[cfg_attr(loom, allow(dead_code))]
     pub(crate) fn reset(&self) {

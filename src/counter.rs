@@ -1,6 +1,6 @@
 //! The per-thread batched counter: where every allocation and free is counted
-//! (over jemalloc with a slack of 64 KiB or more, jemalloc counts instead and
-//! this holds only the shared total; see [`crate::jemalloc_count`]).
+//! (over jemalloc, jemalloc counts instead and this holds only the shared
+//! total; see `crate::jemalloc_count`).
 //!
 //! The design is the Linux kernel's `percpu_counter`, with threads in place of
 //! CPUs, and ClickHouse's per-thread "untracked memory" for the default slack:
@@ -47,9 +47,12 @@ use crate::registry::Registry;
 /// shared write, and bounds the threshold check's error at 4 MiB per thread.
 pub const DEFAULT_SLACK: usize = 4 << 20;
 
-/// How many threads can be listed at once. Threads beyond this count stay
-/// exact but update the shared total directly, which is slower under
-/// contention.
+/// How many threads can be listed at once for memwatch's own count (over
+/// any allocator but jemalloc), and over jemalloc where threads register on
+/// their first call. Threads beyond this count stay exact but update the
+/// shared total directly, which is slower under contention. Where threads
+/// register as they start (Linux with glibc, over jemalloc), the table grows
+/// instead.
 pub const SLOTS: usize = 256;
 
 /// The largest slack [`crate::MemWatch::with_slack`] accepts: 2^61 bytes.

@@ -6,23 +6,27 @@
 //! and `thread.deallocated` in its `mallctl` names). Every 64 KiB of either on
 //! a thread it runs that thread's activity callback
 //! (`experimental.thread.activity_callback`) with both counters. So the
-//! wrapper does nothing per call but look at one thread-local byte to learn
-//! whether the calling thread is set up:
+//! wrapper does nothing per call, once the thread is set up:
 //!
-//! - on its first call, a thread registers: it reads the addresses of its two
-//!   counters, lists a [`Thread`] with them in a static table, and installs
-//!   the callback;
+//! - a thread registers: it reads the addresses of its two counters, lists a
+//!   [`Thread`] with them in a static table, and installs the callback. On
+//!   Linux with glibc it does so as it starts, from memwatch's own
+//!   `pthread_create` (`crate::thread_start`), and the fast path checks
+//!   nothing; elsewhere, or with the `register-on-first-call` feature, on
+//!   its first call, and the fast path checks one thread-local byte;
 //! - the callback folds what changed since the last fold into the shared
 //!   total, as a full slack window does for [`crate::counter`], and the latch
 //!   looks at the result, so the threshold check is at most 64 KiB behind per
-//!   thread;
+//!   thread (a smaller slack folds after every call that leaves more than
+//!   the slack unfolded: [`settle`]);
 //! - the exact reading adds, for every listed thread, its counters minus what
 //!   was already folded; once threads are quiescent that is exact;
-//! - at exit, a thread-local destructor uninstalls the callback, folds what is
-//!   left and takes the thread off the table; a thread without an entry
-//!   (while it registers, after its destructor ran, or when the table is full)
-//!   counts each call itself, by the usable size jemalloc reports for the
-//!   block, straight into the shared total.
+//! - at exit the thread folds what is left and takes itself off the table:
+//!   registered as it started, from a `pthread` key destructor, which glibc
+//!   runs after every thread-local destructor; registered on its first call,
+//!   from a thread-local destructor, after which (and while it registers, or
+//!   when the table is full) each call counts itself, by the usable size
+//!   jemalloc reports for the block, straight into the shared total.
 //!
 //! A byte counted this way is what jemalloc's `stats.allocated` counts: the
 //! size class, not the requested size. That is also what the heap holds.
@@ -30,9 +34,11 @@
 //! jemalloc counts every allocation it makes on a listed thread, including
 //! any that bypass the wrapper (a direct call to [`crate::Jemalloc`]).
 //!
-//! Nothing here allocates, locks or logs. Registration and exit go through
-//! jemalloc's `mallctl`, which is jemalloc's code and never calls back into
-//! Rust's allocator.
+//! Nothing on the allocator path allocates, locks or logs. Registration
+//! and exit go through jemalloc's `mallctl`, which is jemalloc's code and
+//! never calls back into Rust's allocator; registration as a thread starts
+//! runs before the thread's own code, where it may allocate (the table grows
+//! in chunks).
 
 use std::cell::Cell;
 use std::ffi::{c_int, c_void};
@@ -137,6 +143,11 @@ const REGISTERING: u8 = 1;
 const ACTIVE: u8 = 2;
 /// No entry, for good: every call counts itself.
 const DIRECT: u8 = 3;
+/// Registered as it started, now past its exit fold: off the table, but
+/// jemalloc's callback, still installed, keeps folding what the thread's
+/// last destructors do (see `at_exit`).
+#[cfg(memwatch_thread_start)]
+const EXITED: u8 = 4;
 
 thread_local! {
     // `const` initialisers, no `Drop`: plain TLS words, usable at any point
@@ -145,15 +156,55 @@ thread_local! {
     static STATE: Cell<u8> = const { Cell::new(UNREGISTERED) };
     static ENTRY: Cell<usize> = const { Cell::new(usize::MAX) };
     static THREAD: Thread = const { Thread::new() };
+}
+
+#[cfg(not(memwatch_thread_start))]
+thread_local! {
     // The one with a destructor, touched once per thread in `register`.
     static EXIT: Exit = const { Exit };
 }
 
+#[cfg(memwatch_thread_start)]
+thread_local! {
+    // How many times `at_exit` ran on this thread.
+    static EXIT_ROUNDS: Cell<u8> = const { Cell::new(0) };
+}
+
 /// Whether jemalloc counts the calling thread's calls: the fast path's one
-/// check.
+/// check, where threads register on their first call. Where every thread
+/// registered as it started (`memwatch_thread_start`), there is nothing to
+/// check, and this is the constant `true`.
 #[inline(always)]
 pub(crate) fn listed() -> bool {
-    STATE.with(Cell::get) == ACTIVE
+    cfg!(memwatch_thread_start) || STATE.with(Cell::get) == ACTIVE
+}
+
+/// Whether jemalloc's counters of the calling thread are read: it is listed
+/// (or, registered as it started, past its exit fold, where its callback
+/// still folds).
+fn counted() -> bool {
+    let state = STATE.with(Cell::get);
+    #[cfg(memwatch_thread_start)]
+    if state == EXITED {
+        return true;
+    }
+    state == ACTIVE
+}
+
+/// For a slack under [`EVENT_BYTES`]: folds the calling thread's count if
+/// what is not folded yet exceeds `slack`, after each call through the
+/// allocator, so that the threshold check is within `slack` of the truth.
+pub(crate) fn settle(slack: usize) {
+    if !counted() {
+        return;
+    }
+    THREAD.with(|t| {
+        // SAFETY: the calling thread is counted: its own counters are set.
+        let net = unsafe { t.net() };
+        if t.folded.pending(net).unsigned_abs() > slack {
+            t.fold(net);
+        }
+    });
 }
 
 /// Off the fast path: registers the calling thread if it never tried, and
@@ -228,6 +279,7 @@ fn install(thunk: Thunk) -> bool {
     rc == 0
 }
 
+#[cfg(not(memwatch_thread_start))]
 fn register() {
     // The trip report shows jemalloc's figures once some thread wraps it.
     crate::stats::note_jemalloc_inner();
@@ -239,6 +291,21 @@ fn register() {
         STATE.with(|s| s.set(DIRECT));
         return;
     }
+    // SAFETY: `EXIT`'s destructor, now registered, retires the entry before
+    // the thread's thread-local block is freed.
+    enlist(|t| unsafe { TABLE.list(t) });
+}
+
+/// Every thread registered as it started: nothing is left to do here, which
+/// only the cold paths reach, and the fast path never takes them.
+#[cfg(memwatch_thread_start)]
+fn register() {}
+
+/// Reads the calling thread's counters, lists it with `list` and installs
+/// its callback; `STATE` ends `ACTIVE`, or `DIRECT` if a step failed. The
+/// caller has arranged for a listed entry to be retired before the thread's
+/// thread-local block is freed.
+fn enlist(list: impl FnOnce(&Thread) -> Option<usize>) {
     // SAFETY: jemalloc documents both as `uint64_t *`.
     let counters = unsafe {
         (
@@ -259,10 +326,9 @@ fn register() {
         // SAFETY: the counters were just set; this is the owning thread.
         let base = unsafe { t.net() };
         t.base.store(base, Relaxed);
-        // SAFETY: `THREAD` stays valid until this thread's thread-local
-        // block is freed, after every destructor ran, including
-        // `Exit`'s, which retires the entry first.
-        let Some(entry) = (unsafe { TABLE.list(t) }) else {
+        // `THREAD` stays valid until this thread's thread-local block is
+        // freed, after every destructor ran.
+        let Some(entry) = list(t) else {
             STATE.with(|s| s.set(DIRECT));
             return;
         };
@@ -280,6 +346,97 @@ fn register() {
     });
 }
 
+/// Registers the calling thread as it starts (from `thread_start`'s
+/// trampoline, or before `main` for the main thread): lists it, in a table
+/// that grows as needed, and arms `at_exit` for its end.
+#[cfg(memwatch_thread_start)]
+pub(crate) fn register_at_start() {
+    if STATE.with(Cell::get) != UNREGISTERED {
+        return;
+    }
+    STATE.with(|s| s.set(REGISTERING));
+    // Armed before listing: a listed thread always retires its entry.
+    if !exit_key().is_some_and(arm) {
+        STATE.with(|s| s.set(DIRECT));
+        return;
+    }
+    // SAFETY: `at_exit`, armed above, retires the entry before the thread's
+    // thread-local block is freed.
+    enlist(|t| Some(unsafe { TABLE.list_or_grow(t) }));
+}
+
+/// Whether the calling thread is registered: where threads register as
+/// they start, a thread that is not was started by another `pthread_create`
+/// than memwatch's.
+#[cfg(memwatch_thread_start)]
+pub(crate) fn registered() -> bool {
+    counted()
+}
+
+/// How many rounds of destructors glibc runs at most when a thread ends
+/// (`PTHREAD_DESTRUCTOR_ITERATIONS`, POSIX's least value).
+#[cfg(memwatch_thread_start)]
+const EXIT_ROUNDS_MAX: u8 = 4;
+
+/// The `pthread` key whose destructor is `at_exit`, created once.
+#[cfg(memwatch_thread_start)]
+fn exit_key() -> Option<libc::pthread_key_t> {
+    static KEY: std::sync::OnceLock<Option<libc::pthread_key_t>> = std::sync::OnceLock::new();
+    *KEY.get_or_init(|| {
+        let mut key = 0;
+        // SAFETY: `key` is writable; `at_exit` has the destructor's type.
+        (unsafe { libc::pthread_key_create(&mut key, Some(at_exit)) } == 0).then_some(key)
+    })
+}
+
+/// Gives the key a value on this thread, so that `at_exit` runs when the
+/// thread ends.
+#[cfg(memwatch_thread_start)]
+fn arm(key: libc::pthread_key_t) -> bool {
+    // SAFETY: `key` came from `pthread_key_create`; the value is only a
+    // non-null marker, never dereferenced.
+    unsafe { libc::pthread_setspecific(key, ptr::NonNull::<u8>::dangling().as_ptr().cast()) == 0 }
+}
+
+/// The end of a thread that registered as it started. glibc runs key
+/// destructors after every thread-local destructor (Rust's included), so
+/// the first round folds what the thread's life left and retires its entry
+/// after all of them. Later rounds, which each round asks for by re-arming,
+/// fold what other keys' destructors did meanwhile; jemalloc's callback,
+/// left installed, folds every 64 KiB until the thread is gone.
+#[cfg(memwatch_thread_start)]
+unsafe extern "C" fn at_exit(_: *mut c_void) {
+    let round = EXIT_ROUNDS.with(|r| {
+        r.set(r.get().saturating_add(1));
+        r.get()
+    });
+    match STATE.with(Cell::get) {
+        ACTIVE => {
+            STATE.with(|s| s.set(EXITED));
+            leave();
+        }
+        // SAFETY: this is the owning thread; its counters stay set.
+        EXITED => THREAD.with(|t| t.fold(unsafe { t.net() })),
+        _ => return,
+    }
+    if round < EXIT_ROUNDS_MAX {
+        if let Some(key) = exit_key() {
+            arm(key);
+        }
+    }
+}
+
+/// Folds what is left of the calling thread's count and retires its entry.
+fn leave() {
+    let entry = ENTRY.with(|e| e.replace(usize::MAX));
+    THREAD.with(|t| {
+        // SAFETY: this is the owning thread, still listed.
+        t.fold(unsafe { t.net() });
+        // Waits only for readers already summing.
+        TABLE.retire(entry);
+    });
+}
+
 /// jemalloc's activity callback: runs on the owning thread, inside one of
 /// its allocations or frees, every 64 KiB of either.
 unsafe extern "C" fn on_activity(uctx: *mut c_void, allocated: u64, deallocated: u64) {
@@ -288,28 +445,29 @@ unsafe extern "C" fn on_activity(uctx: *mut c_void, allocated: u64, deallocated:
     let t = unsafe { &*uctx.cast::<Thread>() };
     let net = (allocated.wrapping_sub(deallocated) as isize).wrapping_sub(t.base.load(Relaxed));
     t.fold(net);
+    // Where threads register as they start, this is the first sign that
+    // the heap is jemalloc's.
+    crate::stats::note_jemalloc_inner();
 }
 
 /// Uninstalls the callback, folds what is left and retires the entry of an
-/// exiting thread.
+/// exiting thread that registered on its first call.
+#[cfg(not(memwatch_thread_start))]
 struct Exit;
 
+#[cfg(not(memwatch_thread_start))]
 impl Drop for Exit {
     fn drop(&mut self) {
         if STATE.with(|s| s.replace(DIRECT)) != ACTIVE {
             return;
         }
+        // Later calls of this thread count themselves: the callback must
+        // not fold them as well.
         install(Thunk {
             callback: None,
             uctx: ptr::null_mut(),
         });
-        let entry = ENTRY.with(|e| e.replace(usize::MAX));
-        THREAD.with(|t| {
-            // SAFETY: this is the owning thread, still listed.
-            t.fold(unsafe { t.net() });
-            // Waits only for readers already summing.
-            TABLE.retire(entry);
-        });
+        leave();
     }
 }
 

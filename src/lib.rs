@@ -140,6 +140,8 @@ mod jemalloc_count;
 mod limits;
 #[cfg(not(loom))]
 mod stats;
+#[cfg(memwatch_thread_start)]
+mod thread_start;
 #[cfg(not(loom))]
 mod watchdog;
 

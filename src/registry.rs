@@ -20,11 +20,16 @@ use std::sync::atomic::Ordering::{Acquire, Relaxed, Release, SeqCst};
 #[cfg(not(loom))]
 use std::sync::atomic::{fence, AtomicPtr, AtomicUsize};
 
-/// Up to `N` listed items, readable from any thread.
+/// Up to `N` listed items, readable from any thread; more in chunks of `N`
+/// chained on, where [`Self::list_or_grow`] is used.
 pub(crate) struct Registry<T, const N: usize> {
     entries: [AtomicPtr<T>; N],
-    /// Readers walking the table right now.
+    /// Readers walking the table right now (in the first chunk only: one
+    /// count covers the whole chain).
     readers: AtomicUsize,
+    /// The next chunk, once this one was full when `list_or_grow` looked:
+    /// leaked, never freed, so a reader may follow it at any time.
+    next: AtomicPtr<Registry<T, N>>,
 }
 
 impl<T, const N: usize> Registry<T, N> {
@@ -34,6 +39,7 @@ impl<T, const N: usize> Registry<T, N> {
         Registry {
             entries: [const { AtomicPtr::new(ptr::null_mut()) }; N],
             readers: AtomicUsize::new(0),
+            next: AtomicPtr::new(ptr::null_mut()),
         }
     }
 
@@ -43,17 +49,66 @@ impl<T, const N: usize> Registry<T, N> {
         Registry {
             entries: std::array::from_fn(|_| AtomicPtr::new(ptr::null_mut())),
             readers: AtomicUsize::new(0),
+            next: AtomicPtr::new(ptr::null_mut()),
         }
     }
 
-    /// Lists `item` in a free entry and returns the entry's index, or `None`
-    /// when all `N` are taken. Never blocks, never allocates.
+    /// Lists `item` in a free entry of the first chunk and returns the
+    /// entry's index, or `None` when all `N` are taken. Never blocks, never
+    /// allocates.
     ///
     /// # Safety
     ///
     /// `*item` must stay valid for shared access until [`Self::retire`] with
     /// the returned index has returned.
     pub(crate) unsafe fn list(&self, item: *const T) -> Option<usize> {
+        self.take_entry(item)
+    }
+
+    /// Lists `item` in a free entry of any chunk, chaining on a new chunk
+    /// when all are taken, and returns the entry's index. Allocates the new
+    /// chunk: never call it from the allocator path.
+    ///
+    /// # Safety
+    ///
+    /// As [`Self::list`].
+    #[cfg(all(not(loom), memwatch_thread_start))]
+    pub(crate) unsafe fn list_or_grow(&self, item: *const T) -> usize {
+        let mut chunk = self;
+        let mut base = 0;
+        loop {
+            if let Some(i) = chunk.take_entry(item) {
+                return base + i;
+            }
+            // Acquire pairs with the Release below: a chunk found here is
+            // seen with its entries empty.
+            let mut next = chunk.next.load(Acquire);
+            if next.is_null() {
+                let fresh = Box::into_raw(Box::new(Registry::new()));
+                // Release publishes the empty chunk to readers and to other
+                // listers; on failure, Acquire as for the load above.
+                next = match chunk
+                    .next
+                    .compare_exchange(ptr::null_mut(), fresh, Release, Acquire)
+                {
+                    Ok(_) => fresh,
+                    Err(theirs) => {
+                        // SAFETY: `fresh` came from `Box::into_raw` above
+                        // and was never published.
+                        drop(unsafe { Box::from_raw(fresh) });
+                        theirs
+                    }
+                };
+            }
+            // SAFETY: a chained chunk is leaked: valid for the program's
+            // life.
+            chunk = unsafe { &*next };
+            base += N;
+        }
+    }
+
+    /// Claims a free entry of this chunk for `item`.
+    fn take_entry(&self, item: *const T) -> Option<usize> {
         self.entries.iter().position(|e| {
             // A cheap look before the read-modify-write keeps the scan from
             // bouncing cache lines. Relaxed: only a hint; the
@@ -66,12 +121,28 @@ impl<T, const N: usize> Registry<T, N> {
         })
     }
 
+    /// This chunk and every chunk chained on after it.
+    fn chunks(&self) -> impl Iterator<Item = &Self> {
+        std::iter::successors(Some(self), |c| {
+            // Acquire pairs with the Release in `list_or_grow`.
+            let next = c.next.load(Acquire);
+            // SAFETY: a chained chunk is leaked: valid for the program's
+            // life.
+            (!next.is_null()).then(|| unsafe { &*next })
+        })
+    }
+
     /// Takes entry `index` off the table and returns once no reader can
     /// still reach its item. Waits only for readers already walking, each
     /// of which finishes in `N` loads.
     pub(crate) fn retire(&self, index: usize) {
+        // Every index `list` or `list_or_grow` returned has its chunk; any
+        // other lists nothing to retire.
+        let Some(chunk) = self.chunks().nth(index / N) else {
+            return;
+        };
         // Relaxed: the fence below orders it (see the module docs).
-        self.entries[index].store(ptr::null_mut(), Relaxed);
+        chunk.entries[index % N].store(ptr::null_mut(), Relaxed);
         fence(SeqCst);
         let mut spins = 0u32;
         // Acquire pairs with the Release decrement in `for_each`: once the
@@ -88,8 +159,8 @@ impl<T, const N: usize> Registry<T, N> {
         // Relaxed: the fence below orders it (see the module docs).
         self.readers.fetch_add(1, Relaxed);
         fence(SeqCst);
-        for e in &self.entries {
-            // Acquire pairs with the Release in `list`.
+        for e in self.chunks().flat_map(|c| &c.entries) {
+            // Acquire pairs with the Release in `take_entry`.
             let item = e.load(Acquire);
             if !item.is_null() {
                 // SAFETY: `list`'s contract keeps a listed item valid until
@@ -108,8 +179,8 @@ impl<T, const N: usize> Registry<T, N> {
     /// How many entries are taken now. Relaxed: a statistic.
     #[cfg(test)]
     pub(crate) fn listed(&self) -> usize {
-        self.entries
-            .iter()
+        self.chunks()
+            .flat_map(|c| &c.entries)
             .filter(|e| !e.load(Relaxed).is_null())
             .count()
     }

@@ -324,6 +324,10 @@ impl Watchdog {
             grace: self.grace,
             exit_code: self.exit_code,
         };
+        // The main thread registered before `main`; a caller that a shared
+        // library started did not, and does now.
+        #[cfg(memwatch_thread_start)]
+        crate::jemalloc_count::register_at_start();
         let callbacks = self.pressure_callbacks;
         let names: Vec<String> = self.hooks.iter().map(|h| h.name.clone()).collect();
         let spawned = thread::Builder::new()
@@ -742,6 +746,18 @@ fn pressure_changed(shedding: bool, callbacks: &mut [PressureCallback]) {
 }
 
 fn grace_thread(plan: Plan) {
+    #[cfg(memwatch_thread_start)]
+    if !crate::jemalloc_count::registered() {
+        emit(
+            Level::Warn,
+            format_args!(
+                "threads are not registered as they start: another pthread_create than \
+                 memwatch's started this one, so over jemalloc the memory that such threads \
+                 allocate is not counted; build memwatch with the `register-on-first-call` \
+                 feature"
+            ),
+        );
+    }
     let mut seq = SEQUENCE.lock();
     let deadline = loop {
         if let Some(d) = seq.deadline {
