@@ -24,8 +24,9 @@ pub type DefaultInner = std::alloc::System;
 /// has one global allocator, and the count is the process's.
 ///
 /// Over [`Jemalloc`](crate::Jemalloc), the count is jemalloc's own
-/// per-thread counters, in usable sizes, and the threshold check lags by less
-/// than 64 KiB per thread (or the slack, if smaller). On Linux with glibc,
+/// per-thread counters, in usable sizes, folded into the shared total
+/// (where the threshold is checked) every 64 KiB of a thread's allocation
+/// or free once more than the slack is unfolded. On Linux with glibc,
 /// memwatch registers each thread as it starts, from its own
 /// `pthread_create`, and the wrapper adds nothing to a call: threads that a
 /// shared library starts with its own `pthread_create` are not counted (the
@@ -60,11 +61,13 @@ impl<A> MemWatch<A> {
     /// per thread. `0` folds every call: exact, and as slow as one shared
     /// atomic.
     ///
-    /// Over jemalloc, the counters are jemalloc's, folded every 64 KiB of a
-    /// thread's allocation or free whatever the slack (a tighter bound than
-    /// asked for, at no cost); a smaller slack also folds after every call
-    /// that leaves more than the slack unfolded, which costs a few loads per
-    /// call.
+    /// Over jemalloc, the counters are jemalloc's, looked at every 64 KiB
+    /// of a thread's allocation or free and folded once more than the
+    /// default slack is unfolded: with a slack of [`DEFAULT_SLACK`] or more
+    /// the check is late by less than the default slack plus 64 KiB per
+    /// thread, at no cost per call. A smaller slack also looks after every
+    /// call and folds once more than the slack is unfolded, which costs a
+    /// few loads per call.
     ///
     /// # Panics
     ///
@@ -90,7 +93,7 @@ impl<A> MemWatch<A> {
 // `Layout::size()` is at most `isize::MAX`, so the `as isize` casts below are
 // lossless; the realloc difference of two such sizes cannot overflow either.
 //
-// Over jemalloc (with a slack of at least 64 KiB) each method jumps into
+// Over jemalloc (with at least the default slack) each method jumps into
 // jemalloc, which counts, after checking that it counts for the calling
 // thread where threads register on their first call; see `jemalloc_count`.
 // Otherwise each method counts first, in memwatch's own
@@ -132,7 +135,7 @@ unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for MemWatch<A> {
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         #[cfg(all(feature = "jemalloc", target_pointer_width = "64"))]
         if self.jemalloc_counts() {
-            return if self.slack < je::EVENT_BYTES {
+            return if self.slack < je::CALLBACK_FOLD {
                 // SAFETY: the caller's contract, passed on.
                 unsafe { Self::dealloc_settled(ptr, layout, self) }
             } else if je::listed() {
@@ -159,7 +162,7 @@ unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for MemWatch<A> {
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         #[cfg(all(feature = "jemalloc", target_pointer_width = "64"))]
         if self.jemalloc_counts() {
-            return if self.slack < je::EVENT_BYTES {
+            return if self.slack < je::CALLBACK_FOLD {
                 // SAFETY: the caller's contract, passed on.
                 unsafe { Self::realloc_settled(ptr, layout, new_size, self) }
             } else if je::listed() {
@@ -195,7 +198,7 @@ impl<A: GlobalAlloc + 'static> MemWatch<A> {
     unsafe fn alloc_either(&self, layout: Layout, zeroed: bool) -> *mut u8 {
         #[cfg(all(feature = "jemalloc", target_pointer_width = "64"))]
         if self.jemalloc_counts() {
-            return if self.slack < je::EVENT_BYTES {
+            return if self.slack < je::CALLBACK_FOLD {
                 // SAFETY: the caller's contract, passed on.
                 unsafe { Self::alloc_settled(layout, zeroed, self) }
             } else if je::listed() {
@@ -300,7 +303,7 @@ impl<A: GlobalAlloc + 'static> MemWatch<A> {
         std::any::TypeId::of::<A>() == std::any::TypeId::of::<tikv_jemallocator::Jemalloc>()
     }
 
-    // A slack under 64 KiB asks for a tighter threshold check than
+    // A slack under the default asks for a tighter threshold check than
     // jemalloc's callback gives: these fold after every call whose thread
     // has more than the slack unfolded.
 

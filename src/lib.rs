@@ -81,7 +81,14 @@
 //! thread over other allocators: with the default 4 MiB slack and 16 busy
 //! threads, the trip can come up to 64 MiB early or late there.
 //! [`MemWatch::with_slack`] trades speed for a tighter bound; over jemalloc a
-//! slack under 64 KiB switches to memwatch's own count.
+//! slack under 64 KiB folds after every call that leaves more unfolded.
+//!
+//! Over jemalloc on Linux with glibc, every thread registers as it starts:
+//! memwatch defines `pthread_create`, starts each thread through the C
+//! library's own and registers it first, so that the allocator's fast path
+//! has nothing to check. Threads that a shared library starts with its own
+//! call to `pthread_create` are not counted; the `register-on-first-call`
+//! feature counts them, with a check on every call.
 //!
 //! Over jemalloc, a block counts as its usable size (its size class, what
 //! jemalloc's `stats.allocated` counts), so the reading matches
@@ -99,6 +106,14 @@
 //! - `jemalloc` (default): re-exports [`Jemalloc`] as the default inner
 //!   allocator and adds jemalloc's own figures to the trip report
 //!   ([`jemalloc_stats`]).
+//! - `register-on-first-call`: over jemalloc, threads register on their
+//!   first call through the allocator, which checks a thread-local byte on
+//!   every call, instead of as they start; memwatch then leaves
+//!   `pthread_create` alone. For programs whose shared libraries start
+//!   threads that allocate through Rust, and under sanitizers. Where
+//!   registering as threads start is not possible (other C libraries than
+//!   glibc, static linking, 32-bit targets), this is how memwatch works
+//!   anyway.
 //!
 //! # Why `unsafe`
 //!
@@ -111,7 +126,10 @@
 //! thread's count into the shared total in `src/count.rs` and the latch). Reading jemalloc's
 //! counters of another thread relies on aligned 8-byte loads being
 //! single-copy atomic, so that mode is built for 64-bit targets only
-//! (`src/jemalloc_count.rs`). Each `unsafe` block says why it is sound.
+//! (`src/jemalloc_count.rs`). memwatch's `pthread_create` passes its
+//! arguments to the C library's unchanged, with a trampoline in place of the
+//! start routine (`src/thread_start.rs`). Each `unsafe` block says why it is
+//! sound.
 //!
 //! # MSRV
 //!
