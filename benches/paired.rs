@@ -141,8 +141,8 @@ fn rounds<B, O>(
     rounds: usize,
 ) -> Vec<f64>
 where
-    B: GlobalAlloc + Sync,
-    O: GlobalAlloc + Sync,
+    B: GlobalAlloc + Sync + 'static,
+    O: GlobalAlloc + Sync + 'static,
 {
     let barrier = Arc::new(SpinBarrier::new(threads));
     let workers: Vec<_> = (0..threads)
@@ -155,25 +155,41 @@ where
                     b(base, n);
                     o(other, n);
                 }
+                // memwatch's callback runs only in the chunks of memwatch
+                // over jemalloc (see `common::callback`).
+                let watched = common::callback::swap(common::callback::NONE);
+                let callback = |watch: bool| {
+                    common::callback::swap(if watch {
+                        watched
+                    } else {
+                        common::callback::NONE
+                    });
+                };
+                let (watch_b, watch_o) = (
+                    common::callback::is_memwatch_jemalloc::<B>(),
+                    common::callback::is_memwatch_jemalloc::<O>(),
+                );
                 let mut times = Vec::with_capacity(rounds * runs.len());
                 for r in 0..rounds {
                     for (b, o) in &runs {
-                        let time = |run: &dyn Fn()| {
+                        let time = |watch: bool, run: &dyn Fn()| {
+                            callback(watch);
                             barrier.wait();
                             let start = Instant::now();
                             run();
                             start.elapsed()
                         };
                         let (tb, to) = if r % 2 == 0 {
-                            let tb = time(&|| b(base, n));
-                            (tb, time(&|| o(other, n)))
+                            let tb = time(watch_b, &|| b(base, n));
+                            (tb, time(watch_o, &|| o(other, n)))
                         } else {
-                            let to = time(&|| o(other, n));
-                            (time(&|| b(base, n)), to)
+                            let to = time(watch_o, &|| o(other, n));
+                            (time(watch_b, &|| b(base, n)), to)
                         };
                         times.push((tb, to));
                     }
                 }
+                common::callback::swap(watched);
                 times
             })
         })
