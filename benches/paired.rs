@@ -64,20 +64,25 @@ fn shift() {
 /// Starts the threads' chunks together without a system call: std's
 /// `Barrier` wakes waiters through the kernel, and entering the kernel right
 /// before a timed chunk (page-table and predictor flushes on a mitigated
-/// kernel) adds more noise than the few percent being measured. The bench
-/// runs at most as many threads as cores, so spinning costs nothing.
+/// kernel) adds more noise than the few percent being measured. With at most
+/// as many threads as cores, spinning costs nothing; with more, a waiter
+/// yields its core after a short spin, so that the threads still to arrive
+/// can run.
 struct SpinBarrier {
     threads: usize,
     arrived: AtomicUsize,
     generation: AtomicUsize,
+    spins_before_yield: u32,
 }
 
 impl SpinBarrier {
     fn new(threads: usize) -> Self {
+        let cores = thread::available_parallelism().map_or(1, |n| n.get());
         SpinBarrier {
             threads,
             arrived: AtomicUsize::new(0),
             generation: AtomicUsize::new(0),
+            spins_before_yield: if threads > cores { 64 } else { u32::MAX },
         }
     }
 
@@ -87,8 +92,14 @@ impl SpinBarrier {
             self.arrived.store(0, Release);
             self.generation.fetch_add(1, Release);
         } else {
+            let mut spins = 0u32;
             while self.generation.load(Acquire) == generation {
-                std::hint::spin_loop();
+                if spins < self.spins_before_yield {
+                    spins += 1;
+                    std::hint::spin_loop();
+                } else {
+                    thread::yield_now();
+                }
             }
         }
     }
@@ -224,7 +235,10 @@ fn quantile(sorted: &[f64], q: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * q).round() as usize]
 }
 
-fn workload<const SIZE: usize>(threads: usize, n_rounds: usize, rows: &mut Vec<String>) {
+/// The paired rows of one size and thread count. `all`: every allocator and
+/// control; otherwise only memwatch over jemalloc and the two designs it
+/// is compared with under contention, cap and one shared atomic.
+fn workload<const SIZE: usize>(threads: usize, n_rounds: usize, all: bool, rows: &mut Vec<String>) {
     let n = chunk::<SIZE>();
     let name = format!("pair/{SIZE}/{threads}t");
     let mut cells = Vec::new();
@@ -255,6 +269,16 @@ fn workload<const SIZE: usize>(threads: usize, n_rounds: usize, rows: &mut Vec<S
                 rounds(&common::JEMALLOC, other, &runs, threads, n, n_rounds),
             );
         }
+    }
+    if !all {
+        let m = &common::MEMWATCH_JEMALLOC;
+        run::<SIZE, _>(&mut one, threads, n, n_rounds, "memwatch-jemalloc", m);
+        let c = &common::CAP_JEMALLOC;
+        run::<SIZE, _>(&mut one, threads, n, n_rounds, "cap-jemalloc", c);
+        let a = &common::ATOMIC_JEMALLOC;
+        run::<SIZE, _>(&mut one, threads, n, n_rounds, "atomic-jemalloc", a);
+        rows.push(format!("\"{name}\": {{{}}}", cells.join(", ")));
+        return;
     }
     for_each_allocator!(run::<SIZE, _>, (&mut one, threads, n, n_rounds));
     // The floor: a wrapper that only compares a thread-local byte.
@@ -329,11 +353,21 @@ fn main() {
     let n_rounds = if test { 3 } else { 501 };
     let mut rows = Vec::new();
     for threads in [1, 2] {
-        workload::<16>(threads, n_rounds, &mut rows);
-        workload::<64>(threads, n_rounds, &mut rows);
-        workload::<256>(threads, n_rounds, &mut rows);
-        workload::<4096>(threads, n_rounds, &mut rows);
-        workload::<65536>(threads, n_rounds, &mut rows);
+        workload::<16>(threads, n_rounds, true, &mut rows);
+        workload::<64>(threads, n_rounds, true, &mut rows);
+        workload::<256>(threads, n_rounds, true, &mut rows);
+        workload::<4096>(threads, n_rounds, true, &mut rows);
+        workload::<65536>(threads, n_rounds, true, &mut rows);
+        workload::<{ 1 << 20 }>(threads, n_rounds, true, &mut rows);
+    }
+    // More threads than this machine's two cores: what oversubscription
+    // does to each design.
+    for threads in [4, 8] {
+        workload::<16>(threads, n_rounds, false, &mut rows);
+        workload::<256>(threads, n_rounds, false, &mut rows);
+        workload::<4096>(threads, n_rounds, false, &mut rows);
+        workload::<65536>(threads, n_rounds, false, &mut rows);
+        workload::<{ 1 << 20 }>(threads, n_rounds, false, &mut rows);
     }
     if test {
         println!("paired: test mode, nothing written");

@@ -413,7 +413,7 @@ fn arm(key: libc::pthread_key_t) -> bool {
 /// the first round folds what the thread's life left and retires its entry
 /// after all of them. Later rounds, which each round asks for by re-arming,
 /// fold what other keys' destructors did meanwhile; jemalloc's callback,
-/// left installed, folds every 64 KiB until the thread is gone.
+/// left installed, folds beyond the default slack until the thread is gone.
 #[cfg(memwatch_thread_start)]
 unsafe extern "C" fn at_exit(_: *mut c_void) {
     let round = EXIT_ROUNDS.with(|r| {

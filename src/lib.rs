@@ -24,10 +24,10 @@
 //!   batches. There is no polling.
 //! - Over jemalloc, the counters are jemalloc's own: it adds every block's
 //!   usable size to per-thread counters on its fast path anyway, and calls
-//!   memwatch back every 64 KiB of allocation or free on a thread to fold.
-//!   Over any other allocator, memwatch adds the requested size to a
-//!   per-thread delta and folds it when it exceeds the slack (4 MiB by
-//!   default).
+//!   memwatch back every 64 KiB of allocation or free on a thread, which
+//!   folds once the thread's count moved by more than the slack (4 MiB by
+//!   default). Over any other allocator, memwatch adds the requested size
+//!   to a per-thread delta and folds it when it exceeds the slack.
 //! - The fold that first takes the shared total above the threshold flips a
 //!   one-shot latch and wakes the watchdog thread, without allocating.
 //! - The [`Watchdog`] logs one error line with the figures, runs the
@@ -77,11 +77,11 @@
 //!
 //! [`live_bytes`] is exact once threads are quiescent, however many threads
 //! came and went. The threshold check sees the folded total, which lags by
-//! less than 64 KiB per thread over jemalloc, and by at most the slack per
-//! thread over other allocators: with the default 4 MiB slack and 16 busy
-//! threads, the trip can come up to 64 MiB early or late there.
-//! [`MemWatch::with_slack`] trades speed for a tighter bound; over jemalloc a
-//! slack under 64 KiB folds after every call that leaves more unfolded.
+//! at most the slack per thread (plus 64 KiB over jemalloc): with the
+//! default 4 MiB slack and 16 busy threads, the trip can come up to about
+//! 64 MiB early or late. [`MemWatch::with_slack`] trades speed for a tighter
+//! bound; over jemalloc a slack under the default folds after every call
+//! that leaves more than the slack unfolded.
 //!
 //! Over jemalloc on Linux with glibc, every thread registers as it starts:
 //! memwatch defines `pthread_create`, starts each thread through the C

@@ -36,10 +36,10 @@ pub fn live_bytes() -> usize {
     clamp(counter::live_bytes())
 }
 
-/// The highest live-bytes figure seen at a fold. Folds happen every 64 KiB
-/// of a thread's activity over jemalloc, or when a thread's pending delta
-/// passes the slack over other allocators, so this can read low by up to
-/// that much per thread.
+/// The highest live-bytes figure seen at a fold. Folds happen when a
+/// thread's count has moved by more than the slack since its last fold
+/// (over jemalloc, checked every 64 KiB of its activity), so this can read
+/// low by up to that much per thread.
 pub fn peak_bytes() -> usize {
     clamp(latch::peak())
 }
