@@ -647,33 +647,29 @@ mod over_jemalloc {
     fn the_threshold_check_lags_the_reading_by_less_than_the_slack_and_64_kib_per_thread() {
         let bound = CALLBACK_FOLD + EVENT_BYTES;
         serial(|| {
-            thread::spawn(move || {
-                let start = counter::live_bytes();
-                let mut held = Vec::new();
-                for i in 0..4000usize {
-                    if i % 5 == 4 {
-                        free(&JE, held.swap_remove(i % held.len()));
-                    } else {
-                        held.push(alloc(&JE, 64 + (i * 7919) % 40_000));
-                    }
-                    let lag = counter::live_bytes() - counter::folded_bytes();
-                    assert!(
-                        lag.unsigned_abs() < bound,
-                        "step {i}: the shared total lags by {lag}"
-                    );
+            let start = counter::live_bytes();
+            let mut held = Vec::new();
+            for i in 0..4000usize {
+                if i % 5 == 4 {
+                    free(&JE, held.swap_remove(i % held.len()));
+                } else {
+                    held.push(alloc(&JE, 64 + (i * 7919) % 40_000));
                 }
-                let held_bytes: usize = held.iter().map(usable).sum();
-                assert!(held_bytes > 10 * CALLBACK_FOLD, "{held_bytes}");
-                assert_eq!(counter::live_bytes() - start, held_bytes as isize);
-                // Without jemalloc's callback nothing would have been folded.
-                assert!(counter::folded_bytes() - start > (held_bytes - bound) as isize);
-                for b in held {
-                    free(&JE, b);
-                }
-                assert_eq!(counter::live_bytes(), start);
-            })
-            .join()
-            .unwrap();
+                let lag = counter::live_bytes() - counter::folded_bytes();
+                assert!(
+                    lag.unsigned_abs() < bound,
+                    "step {i}: the shared total lags by {lag}"
+                );
+            }
+            let held_bytes: usize = held.iter().map(usable).sum();
+            assert!(held_bytes > 10 * CALLBACK_FOLD, "{held_bytes}");
+            assert_eq!(counter::live_bytes() - start, held_bytes as isize);
+            // Without jemalloc's callback nothing would have been folded.
+            assert!(counter::folded_bytes() - start > (held_bytes - bound) as isize);
+            for b in held {
+                free(&JE, b);
+            }
+            assert_eq!(counter::live_bytes(), start);
         })
     }
 
@@ -684,20 +680,16 @@ mod over_jemalloc {
     #[test]
     fn loops_of_alloc_free_pairs_up_to_the_slack_never_touch_the_shared_total() {
         serial(|| {
-            thread::spawn(|| {
-                let (live, folded) = (counter::live_bytes(), counter::folded_bytes());
-                for size in [16, 4096, 64 << 10, 1 << 20] {
-                    for _ in 0..2000 {
-                        let b = alloc(&JE, size);
-                        assert_eq!(counter::folded_bytes(), folded, "{size} B");
-                        assert_eq!(counter::live_bytes() - live, usable(&b) as isize);
-                        free(&JE, b);
-                    }
+            let (live, folded) = (counter::live_bytes(), counter::folded_bytes());
+            for size in [16, 4096, 64 << 10, 1 << 20] {
+                for _ in 0..2000 {
+                    let b = alloc(&JE, size);
+                    assert_eq!(counter::folded_bytes(), folded, "{size} B");
+                    assert_eq!(counter::live_bytes() - live, usable(&b) as isize);
+                    free(&JE, b);
                 }
-                assert_eq!(counter::live_bytes(), live);
-            })
-            .join()
-            .unwrap();
+            }
+            assert_eq!(counter::live_bytes(), live);
         })
     }
 
@@ -706,34 +698,30 @@ mod over_jemalloc {
         static EXACT: MemWatch<Jemalloc> = MemWatch::new(Jemalloc).with_slack(0);
         static TIGHT: MemWatch<Jemalloc> = MemWatch::new(Jemalloc).with_slack(1000);
         serial(|| {
-            thread::spawn(|| {
-                let start = counter::live_bytes();
-                // Usable size (112), folded at once.
-                let b = alloc(&EXACT, 100);
-                assert_eq!(counter::live_bytes() - start, 112);
-                assert_eq!(counter::folded_bytes(), counter::live_bytes());
-                // Through the default slack, jemalloc's callback folds
-                // every 64 KiB: not yet. One count for both instances.
-                let c = alloc(&JE, 100);
-                assert_eq!(counter::live_bytes() - start, 224);
-                assert_eq!(counter::live_bytes() - counter::folded_bytes(), 112);
-                // Within 1000 bytes of the last fold (112 + 768): left
-                // unfolded.
-                let d = alloc(&TIGHT, 700);
-                assert_eq!(counter::live_bytes() - start, 224 + 768);
-                assert_eq!(counter::live_bytes() - counter::folded_bytes(), 112 + 768);
-                // Beyond it (+ 224): folded.
-                let e = alloc(&TIGHT, 200);
-                assert_eq!(counter::live_bytes() - start, 224 + 768 + 224);
-                assert_eq!(counter::folded_bytes(), counter::live_bytes());
-                for x in [b, c, d, e] {
-                    free(&EXACT, x);
-                }
-                assert_eq!(counter::live_bytes(), start);
-                assert_eq!(counter::folded_bytes(), start);
-            })
-            .join()
-            .unwrap();
+            let start = counter::live_bytes();
+            // Usable size (112), folded at once.
+            let b = alloc(&EXACT, 100);
+            assert_eq!(counter::live_bytes() - start, 112);
+            assert_eq!(counter::folded_bytes(), counter::live_bytes());
+            // Through the default slack, jemalloc's callback folds
+            // beyond 4 MiB: not yet. One count for both instances.
+            let c = alloc(&JE, 100);
+            assert_eq!(counter::live_bytes() - start, 224);
+            assert_eq!(counter::live_bytes() - counter::folded_bytes(), 112);
+            // Within 1000 bytes of the last fold (112 + 768): left
+            // unfolded.
+            let d = alloc(&TIGHT, 700);
+            assert_eq!(counter::live_bytes() - start, 224 + 768);
+            assert_eq!(counter::live_bytes() - counter::folded_bytes(), 112 + 768);
+            // Beyond it (+ 224): folded.
+            let e = alloc(&TIGHT, 200);
+            assert_eq!(counter::live_bytes() - start, 224 + 768 + 224);
+            assert_eq!(counter::folded_bytes(), counter::live_bytes());
+            for x in [b, c, d, e] {
+                free(&EXACT, x);
+            }
+            assert_eq!(counter::live_bytes(), start);
+            assert_eq!(counter::folded_bytes(), start);
         })
     }
 }
