@@ -134,7 +134,7 @@ impl<T, const N: usize> Registry<T, N> {
 
     /// Takes entry `index` off the table and returns once no reader can
     /// still reach its item. Waits only for readers already walking, each
-    /// of which finishes in `N` loads.
+    /// of which finishes in one load per entry of every chunk.
     pub(crate) fn retire(&self, index: usize) {
         // Every index `list` or `list_or_grow` returned has its chunk; any
         // other lists nothing to retire.
