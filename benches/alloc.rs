@@ -35,7 +35,6 @@ fn on_threads<W: Work, A: Global>(threads: usize, iters: u64, a: &'static A) -> 
             thread::spawn(move || {
                 // Warm this thread's caches (tcache, memwatch slot) first.
                 W::run(a, 64);
-                common::callback::for_allocator::<A>();
                 barrier.wait();
                 let start = Instant::now();
                 W::run(a, iters);
@@ -157,10 +156,8 @@ fn cross_one<A: GlobalAlloc + Sync + 'static>(
         b.iter_custom(|iters| {
             let layout = Layout::from_size_align(256, 8).unwrap();
             let (tx, rx) = mpsc::sync_channel::<Vec<Block>>(64);
-            let producer_had = common::callback::for_allocator::<A>();
             let start = Instant::now();
             let consumer = thread::spawn(move || {
-                common::callback::for_allocator::<A>();
                 for batch in rx {
                     for blk in batch {
                         // SAFETY: allocated by the producer with `layout`.
@@ -181,9 +178,7 @@ fn cross_one<A: GlobalAlloc + Sync + 'static>(
             }
             drop(tx);
             consumer.join().unwrap();
-            let elapsed = start.elapsed();
-            common::callback::swap(producer_had);
-            elapsed
+            start.elapsed()
         })
     });
 }

@@ -15,7 +15,6 @@ mod common;
 fn child(which: &str, n: u64) {
     fn maybe<A: common::Global>(which: &str, n: u64, name: &str, _: &A) {
         if which == name {
-            common::callback::for_allocator::<A>();
             common::pairs::<16, A>(n);
         }
     }

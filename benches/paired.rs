@@ -166,41 +166,25 @@ where
                     b(base, n);
                     o(other, n);
                 }
-                // memwatch's callback runs only in the chunks of memwatch
-                // over jemalloc (see `common::callback`).
-                let watched = common::callback::swap(common::callback::NONE);
-                let callback = |watch: bool| {
-                    common::callback::swap(if watch {
-                        watched
-                    } else {
-                        common::callback::NONE
-                    });
-                };
-                let (watch_b, watch_o) = (
-                    common::callback::is_memwatch_jemalloc::<B>(),
-                    common::callback::is_memwatch_jemalloc::<O>(),
-                );
                 let mut times = Vec::with_capacity(rounds * runs.len());
                 for r in 0..rounds {
                     for (b, o) in &runs {
-                        let time = |watch: bool, run: &dyn Fn()| {
-                            callback(watch);
+                        let time = |run: &dyn Fn()| {
                             barrier.wait();
                             let start = Instant::now();
                             run();
                             start.elapsed()
                         };
                         let (tb, to) = if r % 2 == 0 {
-                            let tb = time(watch_b, &|| b(base, n));
-                            (tb, time(watch_o, &|| o(other, n)))
+                            let tb = time(&|| b(base, n));
+                            (tb, time(&|| o(other, n)))
                         } else {
-                            let to = time(watch_o, &|| o(other, n));
-                            (time(watch_b, &|| b(base, n)), to)
+                            let to = time(&|| o(other, n));
+                            (time(&|| b(base, n)), to)
                         };
                         times.push((tb, to));
                     }
                 }
-                common::callback::swap(watched);
                 times
             })
         })

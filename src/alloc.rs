@@ -2,9 +2,9 @@
 
 use std::alloc::{GlobalAlloc, Layout};
 
-use crate::counter::{self, DEFAULT_SLACK, MAX_SLACK};
-#[cfg(all(feature = "jemalloc", target_pointer_width = "64"))]
-use crate::jemalloc_count as je;
+#[cfg(memwatch_jemalloc_counts)]
+use crate::count::jemalloc::{self as je, After};
+use crate::count::{own, DEFAULT_SLACK, MAX_SLACK};
 #[cfg(feature = "jemalloc")]
 use crate::stats;
 
@@ -23,16 +23,15 @@ pub type DefaultInner = std::alloc::System;
 /// Every `MemWatch` in a process shares one counter and one latch: a process
 /// has one global allocator, and the count is the process's.
 ///
-/// Over [`Jemalloc`](crate::Jemalloc), the count is jemalloc's own
-/// per-thread counters, in usable sizes, folded into the shared total
-/// (where the threshold is checked) every 64 KiB of a thread's allocation
-/// or free once more than the slack is unfolded. On Linux with glibc,
-/// memwatch registers each thread as it starts, from its own
-/// `pthread_create`, and the wrapper adds nothing to a call: threads that a
-/// shared library starts with its own `pthread_create` are not counted (the
-/// `register-on-first-call` feature counts them, with a check on every
-/// call). Over any other inner allocator, memwatch counts requested sizes
-/// itself, in per-thread batches of `slack` bytes.
+/// Over [`Jemalloc`](crate::Jemalloc) on Linux, the count is jemalloc's own
+/// per-thread counters, in usable sizes: every call spends its size from a
+/// thread-local countdown, and every 64 KiB of a thread's allocation and
+/// free the wrapper reads the thread's counters, publishes them for
+/// readings and folds them into the shared total (where the threshold is
+/// checked) once more than the slack is unfolded. Over any other inner
+/// allocator, memwatch counts requested sizes itself, in per-thread batches
+/// of `slack` bytes. Either way every thread is counted from its first
+/// call, whatever started it.
 ///
 /// ```
 /// use memwatch::MemWatch;
@@ -62,12 +61,9 @@ impl<A> MemWatch<A> {
     /// atomic.
     ///
     /// Over jemalloc, the counters are jemalloc's, looked at every 64 KiB
-    /// of a thread's allocation or free and folded once more than the
-    /// default slack is unfolded: with a slack of [`DEFAULT_SLACK`] or more
-    /// the check is late by less than the default slack plus 64 KiB per
-    /// thread, at no cost per call. A smaller slack also looks after every
-    /// call and folds once more than the slack is unfolded, which costs a
-    /// few loads per call.
+    /// of a thread's allocation and free (every `slack` bytes, for a smaller
+    /// slack) and folded once more than `slack` is unfolded: the check is
+    /// late by at most `slack` plus 64 KiB per thread.
     ///
     /// # Panics
     ///
@@ -93,31 +89,30 @@ impl<A> MemWatch<A> {
 // `Layout::size()` is at most `isize::MAX`, so the `as isize` casts below are
 // lossless; the realloc difference of two such sizes cannot overflow either.
 //
-// Over jemalloc (with at least the default slack) each method jumps into
-// jemalloc, which counts, after checking that it counts for the calling
-// thread where threads register on their first call; see `jemalloc_count`.
-// Otherwise each method counts first, in memwatch's own
-// per-thread count, and then hands the call to the inner allocator as its
-// last act. Compiled into `__rust_alloc` and friends, that last act is a
-// jump, not a call: no stack frame, no register saved across the call, no
-// return through this function. Counting after the call instead (to count
-// only what succeeded) made a small alloc+free pair cost a program 1.2x to
-// 1.3x what bare jemalloc costs; counting first, 1.03x to 1.13x (see
-// docs/design.md). The price: an allocation or growth that the inner
-// allocator refuses has been counted anyway. Only calls that stay within the
-// thread's slack window count first, so each such error is at most twice the
-// slack, and an allocator refuses such small requests only when the kernel
-// has no memory to give; calls outside the window (every request larger than
-// twice the slack among them) take the cold path, which counts only what
-// succeeded.
+// Each method's fast path does its bookkeeping first and hands the call to
+// the inner allocator as its last act: compiled into `__rust_alloc` and
+// friends, that last act is a jump, not a call, with no stack frame and no
+// register saved across it. Over jemalloc the bookkeeping is a countdown
+// (`count::jemalloc`); otherwise memwatch's own count (`count::own`). A call
+// that misses the fast path goes to a cold path, never inlined, that takes
+// the caller's arguments in the caller's order with `this` last, so that the
+// jump to it moves no register.
+//
+// Over memwatch's own count, a call within the thread's slack window counts
+// before the inner allocator runs, so an allocation it refuses has been
+// counted anyway: at most twice the slack, and an allocator refuses such
+// small requests only when the kernel has no memory to give. Calls outside
+// the window (every request larger than twice the slack among them) take the
+// cold path, which counts only what succeeded. Over jemalloc nothing is
+// counted that jemalloc did not count itself.
 //
 // SAFETY: every method forwards to the inner allocator with the caller's
-// arguments unchanged and returns its result unchanged, so `MemWatch` upholds
-// `GlobalAlloc`'s contract exactly when `A` does. Counting touches only
-// atomics and allocation-free thread-locals (see `counter`), and over
-// jemalloc, on the cold paths, jemalloc's own `mallctl` and `sallocx`, which
-// never call back into Rust's allocator; it never touches the memory itself
-// and never unwinds.
+// arguments unchanged and returns its result unchanged, so `MemWatch`
+// upholds `GlobalAlloc`'s contract exactly when `A` does. The bookkeeping
+// touches only atomics, allocation-free thread-locals and, off the fast
+// path, jemalloc's `mallctl` and `sallocx`, the C library's `pthread` key and
+// fork-handler calls and `mmap`, none of which calls back into Rust's
+// allocator; it never touches the memory itself and never unwinds.
 unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for MemWatch<A> {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
@@ -133,24 +128,20 @@ unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for MemWatch<A> {
 
     #[inline]
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        #[cfg(all(feature = "jemalloc", target_pointer_width = "64"))]
+        #[cfg(memwatch_jemalloc_counts)]
         if self.jemalloc_counts() {
-            return if self.slack < je::CALLBACK_FOLD {
-                // SAFETY: the caller's contract, passed on.
-                unsafe { Self::dealloc_settled(ptr, layout, self) }
-            } else if je::listed() {
+            return if je::spend(layout.size()) {
                 // SAFETY: the caller guarantees `ptr` came from this
-                // allocator, hence from `inner`, with `layout`.
+                // allocator (hence from `inner`, since every method
+                // forwards) with `layout`.
                 unsafe { self.inner.dealloc(ptr, layout) }
             } else {
                 // SAFETY: as above.
-                unsafe { Self::dealloc_unlisted(ptr, layout, self) }
+                unsafe { Self::dealloc_looking(ptr, layout, self) }
             };
         }
-        if counter::try_record_free(layout.size()) {
-            // SAFETY: the caller guarantees `ptr` came from this allocator
-            // (hence from `inner`, since every method forwards) with
-            // `layout`.
+        if own::try_record_free(layout.size()) {
+            // SAFETY: as above.
             unsafe { self.inner.dealloc(ptr, layout) }
         } else {
             // SAFETY: as above.
@@ -160,24 +151,20 @@ unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for MemWatch<A> {
 
     #[inline]
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        #[cfg(all(feature = "jemalloc", target_pointer_width = "64"))]
+        #[cfg(memwatch_jemalloc_counts)]
         if self.jemalloc_counts() {
-            return if self.slack < je::CALLBACK_FOLD {
-                // SAFETY: the caller's contract, passed on.
-                unsafe { Self::realloc_settled(ptr, layout, new_size, self) }
-            } else if je::listed() {
+            return if je::spend(new_size.abs_diff(layout.size())) {
                 // SAFETY: the caller upholds `realloc`'s contract; `ptr`
                 // came from `inner` as in `dealloc`.
                 unsafe { self.inner.realloc(ptr, layout, new_size) }
             } else {
                 // SAFETY: as above.
-                unsafe { Self::realloc_unlisted(ptr, layout, new_size, self) }
+                unsafe { Self::realloc_looking(ptr, layout, new_size, self) }
             };
         }
         let delta = new_size as isize - layout.size() as isize;
-        if counter::try_record(delta, self.slack) {
-            // SAFETY: the caller upholds `realloc`'s contract; `ptr` came
-            // from `inner` as in `dealloc`.
+        if own::try_record(delta, self.slack) {
+            // SAFETY: as above.
             unsafe { self.inner.realloc(ptr, layout, new_size) }
         } else {
             // SAFETY: as above.
@@ -196,20 +183,17 @@ impl<A: GlobalAlloc + 'static> MemWatch<A> {
     /// As [`GlobalAlloc::alloc`] (or `alloc_zeroed` if `zeroed`).
     #[inline(always)]
     unsafe fn alloc_either(&self, layout: Layout, zeroed: bool) -> *mut u8 {
-        #[cfg(all(feature = "jemalloc", target_pointer_width = "64"))]
+        #[cfg(memwatch_jemalloc_counts)]
         if self.jemalloc_counts() {
-            return if self.slack < je::CALLBACK_FOLD {
-                // SAFETY: the caller's contract, passed on.
-                unsafe { Self::alloc_settled(layout, zeroed, self) }
-            } else if je::listed() {
+            return if je::spend(layout.size()) {
                 // SAFETY: the caller upholds the contract for `layout`.
                 unsafe { self.inner_alloc(layout, zeroed) }
             } else {
                 // SAFETY: as above.
-                unsafe { Self::alloc_unlisted(layout, zeroed, self) }
+                unsafe { Self::alloc_looking(layout, zeroed, self) }
             };
         }
-        if counter::try_record(layout.size() as isize, self.slack) {
+        if own::try_record(layout.size() as isize, self.slack) {
             // SAFETY: the caller upholds the contract for `layout`.
             unsafe { self.inner_alloc(layout, zeroed) }
         } else {
@@ -236,12 +220,10 @@ impl<A: GlobalAlloc + 'static> MemWatch<A> {
     }
 }
 
-// The cold paths: the call falls outside the thread's slack window (a fold
-// is due, the request is large, or the thread has no table entry yet). Each
-// calls the inner allocator first and counts only what succeeded. They are
-// never inlined, so that the fast paths above stay a count and a jump, and
-// they take the caller's arguments in the caller's order with `this` last,
-// so that the jump to them moves no register on the way.
+// memwatch's own count, off the fast path: the call falls outside the
+// thread's slack window (a fold is due, the request is large, or the thread
+// has no slot yet). Each calls the inner allocator first and counts only
+// what succeeded.
 impl<A: GlobalAlloc + 'static> MemWatch<A> {
     /// # Safety
     ///
@@ -252,7 +234,7 @@ impl<A: GlobalAlloc + 'static> MemWatch<A> {
         // SAFETY: the caller upholds the contract for `layout`.
         let ptr = unsafe { this.inner_alloc(layout, zeroed) };
         if !ptr.is_null() {
-            counter::record(layout.size() as isize, this.slack, note_inner::<A>);
+            own::record(layout.size() as isize, this.slack, note_inner::<A>);
         }
         ptr
     }
@@ -263,7 +245,7 @@ impl<A: GlobalAlloc + 'static> MemWatch<A> {
     #[cold]
     #[inline(never)]
     unsafe fn dealloc_cold(ptr: *mut u8, layout: Layout, this: &Self) {
-        counter::record_free(layout.size(), this.slack, note_inner::<A>);
+        own::record(-(layout.size() as isize), this.slack, note_inner::<A>);
         // SAFETY: the caller guarantees `ptr` came from `inner` with
         // `layout`.
         unsafe { this.inner.dealloc(ptr, layout) }
@@ -279,7 +261,7 @@ impl<A: GlobalAlloc + 'static> MemWatch<A> {
         let new = unsafe { this.inner.realloc(ptr, layout, new_size) };
         // A null result leaves the old block allocated: nothing changed.
         if !new.is_null() {
-            counter::record(
+            own::record(
                 new_size as isize - layout.size() as isize,
                 this.slack,
                 note_inner::<A>,
@@ -289,92 +271,37 @@ impl<A: GlobalAlloc + 'static> MemWatch<A> {
     }
 }
 
-// Over jemalloc, jemalloc counts (see `jemalloc_count`): the fast paths
-// above only check that it does so for the calling thread. The calls of a
-// thread it does not count (not yet registered, exiting, or without a table
-// entry) come here and count the usable size of the block themselves.
-#[cfg(all(feature = "jemalloc", target_pointer_width = "64"))]
+// Over jemalloc, off the fast path: the thread's countdown ran out (or it
+// never started). `je::before` publishes the thread's counters and restarts
+// the countdown; a call it covers then jumps into jemalloc, a larger one
+// publishes again right after, and a thread without a slot counts the
+// block's usable size itself.
+#[cfg(memwatch_jemalloc_counts)]
 impl<A: GlobalAlloc + 'static> MemWatch<A> {
     /// Whether jemalloc's own counters count this allocator's calls: `A` is
-    /// jemalloc. A constant wherever it is inlined, as is the slack of a
-    /// `static`, so the compiler keeps one path.
+    /// jemalloc. A constant wherever it is inlined.
     #[inline(always)]
     fn jemalloc_counts(&self) -> bool {
         std::any::TypeId::of::<A>() == std::any::TypeId::of::<tikv_jemallocator::Jemalloc>()
     }
 
-    // A slack under the default asks for a tighter threshold check than
-    // jemalloc's callback gives: these fold after every call whose thread
-    // has more than the slack unfolded.
-
-    /// # Safety
-    ///
-    /// As [`GlobalAlloc::alloc`] (or `alloc_zeroed` if `zeroed`).
-    #[inline(never)]
-    unsafe fn alloc_settled(layout: Layout, zeroed: bool, this: &Self) -> *mut u8 {
-        // SAFETY: the caller upholds the contract for `layout`.
-        let ptr = unsafe {
-            if je::listed() {
-                this.inner_alloc(layout, zeroed)
-            } else {
-                Self::alloc_unlisted(layout, zeroed, this)
-            }
-        };
-        je::settle(this.slack);
-        ptr
-    }
-
-    /// # Safety
-    ///
-    /// As [`GlobalAlloc::dealloc`].
-    #[inline(never)]
-    unsafe fn dealloc_settled(ptr: *mut u8, layout: Layout, this: &Self) {
-        // SAFETY: the caller guarantees `ptr` came from `inner` with
-        // `layout`.
-        unsafe {
-            if je::listed() {
-                this.inner.dealloc(ptr, layout)
-            } else {
-                Self::dealloc_unlisted(ptr, layout, this)
-            }
-        }
-        je::settle(this.slack);
-    }
-
-    /// # Safety
-    ///
-    /// As [`GlobalAlloc::realloc`].
-    #[inline(never)]
-    unsafe fn realloc_settled(
-        ptr: *mut u8,
-        layout: Layout,
-        new_size: usize,
-        this: &Self,
-    ) -> *mut u8 {
-        // SAFETY: the caller upholds `realloc`'s contract.
-        let new = unsafe {
-            if je::listed() {
-                this.inner.realloc(ptr, layout, new_size)
-            } else {
-                Self::realloc_unlisted(ptr, layout, new_size, this)
-            }
-        };
-        je::settle(this.slack);
-        new
-    }
-
     /// # Safety
     ///
     /// As [`GlobalAlloc::alloc`] (or `alloc_zeroed` if `zeroed`).
     #[cold]
     #[inline(never)]
-    unsafe fn alloc_unlisted(layout: Layout, zeroed: bool, this: &Self) -> *mut u8 {
-        let listed = je::register_or_direct();
+    unsafe fn alloc_looking(layout: Layout, zeroed: bool, this: &Self) -> *mut u8 {
+        let after = je::before(layout.size(), this.slack);
         // SAFETY: the caller upholds the contract for `layout`.
         let ptr = unsafe { this.inner_alloc(layout, zeroed) };
-        if !listed && !ptr.is_null() {
-            // SAFETY: `ptr` is a live block of `inner`, which is jemalloc.
-            counter::fold(unsafe { je::usable_size(ptr) });
+        match after {
+            After::Nothing => {}
+            After::Look => je::after(this.slack),
+            After::CountItself if !ptr.is_null() => {
+                // SAFETY: `ptr` is a live block of `inner`, which is jemalloc.
+                je::count_itself(unsafe { je::usable_size(ptr) });
+            }
+            After::CountItself => {}
         }
         ptr
     }
@@ -384,15 +311,19 @@ impl<A: GlobalAlloc + 'static> MemWatch<A> {
     /// As [`GlobalAlloc::dealloc`].
     #[cold]
     #[inline(never)]
-    unsafe fn dealloc_unlisted(ptr: *mut u8, layout: Layout, this: &Self) {
-        if !je::register_or_direct() {
+    unsafe fn dealloc_looking(ptr: *mut u8, layout: Layout, this: &Self) {
+        let after = je::before(layout.size(), this.slack);
+        if after == After::CountItself {
             // SAFETY: the caller guarantees `ptr` is a live block of
             // `inner`, which is jemalloc.
-            counter::fold(-unsafe { je::usable_size(ptr) });
+            je::count_itself(-unsafe { je::usable_size(ptr) });
         }
         // SAFETY: the caller guarantees `ptr` came from `inner` with
         // `layout`.
-        unsafe { this.inner.dealloc(ptr, layout) }
+        unsafe { this.inner.dealloc(ptr, layout) };
+        if after == After::Look {
+            je::after(this.slack);
+        }
     }
 
     /// # Safety
@@ -400,25 +331,31 @@ impl<A: GlobalAlloc + 'static> MemWatch<A> {
     /// As [`GlobalAlloc::realloc`].
     #[cold]
     #[inline(never)]
-    unsafe fn realloc_unlisted(
+    unsafe fn realloc_looking(
         ptr: *mut u8,
         layout: Layout,
         new_size: usize,
         this: &Self,
     ) -> *mut u8 {
-        if je::register_or_direct() {
-            // SAFETY: the caller upholds `realloc`'s contract.
-            return unsafe { this.inner.realloc(ptr, layout, new_size) };
-        }
-        // SAFETY: the caller guarantees `ptr` is a live block of `inner`,
-        // which is jemalloc.
-        let old = unsafe { je::usable_size(ptr) };
+        let after = je::before(new_size.abs_diff(layout.size()), this.slack);
+        let old = if after == After::CountItself {
+            // SAFETY: the caller guarantees `ptr` is a live block of
+            // `inner`, which is jemalloc.
+            unsafe { je::usable_size(ptr) }
+        } else {
+            0
+        };
         // SAFETY: the caller upholds `realloc`'s contract.
         let new = unsafe { this.inner.realloc(ptr, layout, new_size) };
-        // A null result leaves the old block allocated: nothing changed.
-        if !new.is_null() {
-            // SAFETY: `new` is a live block of jemalloc.
-            counter::fold(unsafe { je::usable_size(new) } - old);
+        match after {
+            After::Nothing => {}
+            After::Look => je::after(this.slack),
+            // A null result leaves the old block allocated: nothing changed.
+            After::CountItself if !new.is_null() => {
+                // SAFETY: `new` is a live block of jemalloc.
+                je::count_itself(unsafe { je::usable_size(new) } - old);
+            }
+            After::CountItself => {}
         }
         new
     }

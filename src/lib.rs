@@ -144,22 +144,16 @@
 
 mod count;
 mod latch;
-mod registry;
+mod sync;
 
 #[cfg(not(loom))]
 mod alloc;
 #[cfg(not(loom))]
 mod config;
 #[cfg(not(loom))]
-mod counter;
-#[cfg(all(feature = "jemalloc", target_pointer_width = "64", not(loom)))]
-mod jemalloc_count;
-#[cfg(not(loom))]
 mod limits;
 #[cfg(not(loom))]
 mod stats;
-#[cfg(memwatch_thread_start)]
-mod thread_start;
 #[cfg(not(loom))]
 mod watchdog;
 
@@ -176,7 +170,7 @@ pub use crate::config::{
     THRESHOLD_ENV, THRESHOLD_RATIO_ENV,
 };
 #[cfg(not(loom))]
-pub use crate::counter::{DEFAULT_SLACK, MAX_SLACK, SLOTS};
+pub use crate::count::{DEFAULT_SLACK, MAX_SLACK};
 #[cfg(not(loom))]
 pub use crate::limits::{memory_limit, memory_limit_at, LimitSource, MemoryLimit};
 #[cfg(not(loom))]

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
-use crate::{counter, latch};
+use crate::{count, latch};
 
 /// A point-in-time reading of memwatch's figures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,12 +28,14 @@ pub struct Snapshot {
 /// (what jemalloc's `stats.allocated` counts); over other allocators, as its
 /// requested size.
 ///
-/// Exact once threads are quiescent (no allocation in flight). Costs a few
-/// hundred loads, one fence and no lock: fine for a metrics endpoint. A
-/// thread that is exiting waits for readings in progress to finish before
-/// its memory goes away (a few hundred nanoseconds at most).
+/// Exact for threads that have ended and for the calling thread's own
+/// calls; over memwatch's own count, exact for every quiescent thread. Over
+/// jemalloc, each other live thread may have up to 64 KiB of allocation and
+/// free that it has not published yet. Costs one load per thread slot (256
+/// at least) and no lock: fine for a metrics endpoint, and no thread ever
+/// waits for a reading.
 pub fn live_bytes() -> usize {
-    clamp(counter::live_bytes())
+    clamp(count::live_bytes())
 }
 
 /// The highest live-bytes figure seen at a fold. Folds happen when a

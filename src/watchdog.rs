@@ -20,7 +20,7 @@ use crate::config::{
     self, ConfigError, Level as Configured, Problem, DEFAULT_EXIT_CODE, DEFAULT_GRACE,
     DEFAULT_LIMIT_RECHECK, DEFAULT_SHED_HYSTERESIS_PERCENT,
 };
-use crate::{counter, latch, limits, stats};
+use crate::{count, latch, limits, stats};
 
 /// A shutdown hook: a name for the logs and the work.
 struct Hook {
@@ -324,10 +324,6 @@ impl Watchdog {
             grace: self.grace,
             exit_code: self.exit_code,
         };
-        // The main thread registered before `main`; a caller that a shared
-        // library started did not, and does now.
-        #[cfg(memwatch_thread_start)]
-        crate::jemalloc_count::register_at_start();
         let callbacks = self.pressure_callbacks;
         let names: Vec<String> = self.hooks.iter().map(|h| h.name.clone()).collect();
         let spawned = thread::Builder::new()
@@ -462,7 +458,7 @@ fn describe_shed(shed: Option<(isize, isize)>) -> String {
 /// Compares the exact reading with the armed levels, for when they were
 /// set or moved outside a fold.
 fn check_now(threshold: isize, shed: Option<(isize, isize)>) {
-    let now = counter::live_bytes();
+    let now = count::live_bytes();
     match shed {
         Some((enter, _)) if now > enter => latch::shift_now(true),
         Some((_, leave)) if now >= leave => {}
@@ -746,18 +742,6 @@ fn pressure_changed(shedding: bool, callbacks: &mut [PressureCallback]) {
 }
 
 fn grace_thread(plan: Plan) {
-    #[cfg(memwatch_thread_start)]
-    if !crate::jemalloc_count::registered() {
-        emit(
-            Level::Warn,
-            format_args!(
-                "threads are not registered as they start: another pthread_create than \
-                 memwatch's started this one, so over jemalloc the memory that such threads \
-                 allocate is not counted; build memwatch with the `register-on-first-call` \
-                 feature"
-            ),
-        );
-    }
     let mut seq = SEQUENCE.lock();
     let deadline = loop {
         if let Some(d) = seq.deadline {

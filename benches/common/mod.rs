@@ -11,8 +11,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 
 use memwatch::{Jemalloc, MemWatch};
 
-pub mod callback;
-
 /// The naive design: one shared atomic updated on every call.
 pub struct SharedAtomic<A> {
     inner: A,

@@ -113,15 +113,7 @@ fn serve_paired_rounds() {
 /// churn, which shows that the binary works. The comparison itself is
 /// `benches/kv_paired.py`: one process timed alone is off by several percent
 /// from the next (see there).
-#[path = "../common/callback.rs"]
-mod callback;
-
 pub fn main(name: &str) {
-    // The churn runs on this thread alone; see `callback` for why only
-    // memwatch over jemalloc keeps memwatch's callback.
-    if name != "memwatch-jemalloc" {
-        callback::swap(callback::NONE);
-    }
     if std::env::var_os(PAIRED_ENV).is_some() {
         return serve_paired_rounds();
     }

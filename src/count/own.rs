@@ -1,0 +1,135 @@
+//! memwatch's own count, over any inner allocator: each call adds its
+//! requested size to the calling thread's slot, and a slot whose pending
+//! delta leaves the slack window is folded into the shared total.
+//!
+//! The design is the Linux kernel's `percpu_counter`, with threads in place
+//! of CPUs: the fast path is a load, an add, one compare and a store on the
+//! thread's own cache line; the fold, one `fetch_add` on the total.
+//!
+//! A thread's slot is found through a thread-local pointer that starts at a
+//! slot outside every window, so that the first call of every thread, however
+//! it was started, misses the fast path and claims a slot: no separate check.
+
+use std::cell::Cell;
+
+use super::slot::Slot;
+use super::table::Table;
+use super::{arm_exit, fold, TOTAL};
+use crate::latch;
+
+/// The slots of threads that count through memwatch's own count.
+static TABLE: Table = Table::new();
+
+/// The slot of no thread: every update misses its window.
+static NOWHERE: Slot = Slot::outside();
+
+/// Not in the table yet; the next cold call tries to join.
+const UNREGISTERED: u8 = 0;
+/// Joining: calls made meanwhile count in the total.
+const REGISTERING: u8 = 1;
+/// In the table.
+const ACTIVE: u8 = 2;
+/// Past its exit, or unable to join: every call counts in the total.
+const DIRECT: u8 = 3;
+
+thread_local! {
+    // `const` initialisers and no `Drop`: plain thread-local words, usable
+    // at any point of a thread's life, its start and its end included, and
+    // touching them never allocates.
+    static SLOT: Cell<&'static Slot> = const { Cell::new(&NOWHERE) };
+    static STATE: Cell<u8> = const { Cell::new(UNREGISTERED) };
+}
+
+/// The fast path: counts `delta` for the calling thread if its pending
+/// delta stays within `slack`. If not, nothing changed and the caller goes
+/// to its cold path, which calls [`record`].
+#[inline(always)]
+pub(crate) fn try_record(delta: isize, slack: usize) -> bool {
+    SLOT.with(|s| s.get().add(delta, slack))
+}
+
+/// [`try_record`] for a free of `size` bytes.
+#[inline(always)]
+pub(crate) fn try_record_free(size: usize) -> bool {
+    SLOT.with(|s| s.get().take(size))
+}
+
+/// Records `delta` for the calling thread, folding if the fast path cannot
+/// take it. `on_join` runs once per thread, as it joins.
+#[inline]
+pub(crate) fn record(delta: isize, slack: usize, on_join: impl Fn()) {
+    if !try_record(delta, slack) {
+        record_cold(delta, slack, on_join);
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn record_cold(delta: isize, slack: usize, on_join: impl Fn()) {
+    match STATE.with(Cell::get) {
+        ACTIVE => {
+            let slot = SLOT.with(Cell::get);
+            latch::observe(slot.fold_into(&TOTAL, delta, slack));
+        }
+        UNREGISTERED => {
+            on_join();
+            if join(slack) {
+                return record(delta, slack, on_join);
+            }
+            fold(delta);
+        }
+        _ => fold(delta),
+    }
+}
+
+/// Claims a slot for the calling thread; `false` if it could not (yet).
+fn join(slack: usize) -> bool {
+    STATE.with(|s| s.set(REGISTERING));
+    if !arm_exit() {
+        // Another thread is setting up the process: try again later.
+        STATE.with(|s| s.set(UNREGISTERED));
+        return false;
+    }
+    let Some(slot) = TABLE.claim() else {
+        STATE.with(|s| s.set(DIRECT));
+        return false;
+    };
+    // Pending 0 before anyone reads it (the claim's fence orders it).
+    slot.empty(slack);
+    SLOT.with(|s| s.set(slot));
+    STATE.with(|s| s.set(ACTIVE));
+    true
+}
+
+/// The calling thread's end (from the exit key's destructor): folds what
+/// is pending and frees the slot. Later calls count in the total.
+pub(crate) fn leave() {
+    if STATE.with(|s| s.replace(DIRECT)) != ACTIVE {
+        return;
+    }
+    let slot = SLOT.with(|s| s.replace(&NOWHERE));
+    latch::observe(slot.drain_into(&TOTAL));
+    TABLE.release(slot);
+}
+
+/// Adds every taken slot's pending delta to `sum`, for a reading.
+pub(crate) fn add_pending(sum: &mut isize) {
+    TABLE.for_each(|s| *sum = sum.wrapping_add(s.pending()));
+}
+
+/// In a forked child: folds and frees every slot but the calling thread's.
+pub(crate) fn forget_other_threads() {
+    let mine: *const Slot = SLOT.with(Cell::get);
+    TABLE.for_each(|s| {
+        if !std::ptr::eq(s, mine) {
+            s.drain_into(&TOTAL);
+            TABLE.release(s);
+        }
+    });
+}
+
+/// How many threads hold a slot now.
+#[cfg(test)]
+pub(crate) fn threads_joined() -> usize {
+    TABLE.taken()
+}
