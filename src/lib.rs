@@ -22,12 +22,17 @@
 //!   Every alloc, realloc and free is counted in the calling thread's own
 //!   counters, and what a thread counted is folded into one shared total in
 //!   batches. There is no polling.
-//! - Over jemalloc, the counters are jemalloc's own: it adds every block's
-//!   usable size to per-thread counters on its fast path anyway, and calls
-//!   memwatch back every 64 KiB of allocation or free on a thread, which
-//!   folds once the thread's count moved by more than the slack (4 MiB by
-//!   default). Over any other allocator, memwatch adds the requested size
-//!   to a per-thread delta and folds it when it exceeds the slack.
+//! - Over jemalloc on Linux, the counters are jemalloc's own: it adds every
+//!   block's usable size to per-thread counters on its fast path anyway.
+//!   memwatch's fast path only spends the call's size from a thread-local
+//!   countdown; every 64 KiB of a thread's activity the thread reads its
+//!   counters, publishes them for readings and folds them into the shared
+//!   total once more than the slack (4 MiB by default) is unfolded. Over
+//!   any other allocator, memwatch adds the requested size to the thread's
+//!   own delta and folds it when it exceeds the slack.
+//! - A thread joins on its first call through the allocator, whatever
+//!   started it (std, tokio, C code, the C library itself, a `dlopen`'d
+//!   library), and leaves from a `pthread` key destructor at its end.
 //! - The fold that first takes the shared total above the threshold flips a
 //!   one-shot latch and wakes the watchdog thread, without allocating.
 //! - The [`Watchdog`] logs one error line with the figures, runs the
@@ -75,71 +80,60 @@
 //!
 //! # Accuracy
 //!
-//! [`live_bytes`] is exact once threads are quiescent, however many threads
-//! came and went. The threshold check sees the folded total, which lags by
-//! at most the slack per thread (plus 64 KiB over jemalloc): with the
-//! default 4 MiB slack and 16 busy threads, the trip can come up to about
-//! 64 MiB early or late. [`MemWatch::with_slack`] trades speed for a tighter
-//! bound; over jemalloc a slack under the default folds after every call
-//! that leaves more than the slack unfolded.
-//!
-//! Over jemalloc on Linux with glibc, every thread registers as it starts:
-//! memwatch defines `pthread_create`, starts each thread through the C
-//! library's own and registers it first, so that the allocator's fast path
-//! has nothing to check. Threads that a shared library starts with its own
-//! call to `pthread_create` are not counted; the `register-on-first-call`
-//! feature counts them, with a check on every call.
+//! [`live_bytes`] is exact for threads that have ended and for the calling
+//! thread, however many threads came and went. Over memwatch's own count it
+//! is exact for every quiescent thread; over jemalloc, every other live
+//! thread may have up to 64 KiB of allocation and free that it has not
+//! published yet. The threshold check sees the folded total, which lags by
+//! at most the slack plus 64 KiB per thread: with the default 4 MiB slack
+//! and 16 busy threads, the trip can come up to about 65 MiB early or
+//! late. [`MemWatch::with_slack`] trades speed for a tighter bound.
 //!
 //! Over jemalloc, a block counts as its usable size (its size class, what
-//! jemalloc's `stats.allocated` counts), so the reading matches
-//! `stats.allocated`; jemalloc counts every block it hands a thread, including
-//! any allocated by calling [`Jemalloc`] directly. Over other allocators a
-//! block counts as its requested size, and a small request (up to twice the
-//! slack) that the inner allocator refuses stays counted, because the count
-//! comes before the call; allocators refuse such requests only when the
-//! kernel gives them no memory. Not counted: allocator metadata, memory that C
-//! libraries `malloc` directly, `mmap` and thread stacks. See
-//! `docs/design.md`.
+//! jemalloc's `stats.allocated` counts), and jemalloc counts every block it
+//! hands a counted thread, including any allocated by calling [`Jemalloc`]
+//! directly. Over other allocators a block counts as its requested size,
+//! and a small request (up to twice the slack) that the inner allocator
+//! refuses stays counted, because the count comes before the call;
+//! allocators refuse such requests only when the kernel gives them no
+//! memory. Not counted: allocator metadata, memory that C libraries
+//! `malloc` directly, `mmap` and thread stacks. See `docs/design.md`.
+//!
+//! After `fork` without `exec`, the child keeps its own thread's count and
+//! folds the other threads' last published figures into the total (over
+//! jemalloc, up to 64 KiB of each one's latest activity is lost); it runs no
+//! watchdog unless it starts one.
 //!
 //! # Crate features
 //!
 //! - `jemalloc` (default): re-exports [`Jemalloc`] as the default inner
-//!   allocator and adds jemalloc's own figures to the trip report
-//!   ([`jemalloc_stats`]).
-//! - `register-on-first-call`: over jemalloc, threads register on their
-//!   first call through the allocator, which checks a thread-local byte on
-//!   every call, instead of as they start; memwatch then leaves
-//!   `pthread_create` alone. For programs whose shared libraries start
-//!   threads that allocate through Rust, and under sanitizers. Where
-//!   registering as threads start is not possible (other C libraries than
-//!   glibc, static linking, 32-bit targets), this is how memwatch works
-//!   anyway.
+//!   allocator, counts through jemalloc's own per-thread counters on Linux
+//!   and adds jemalloc's own figures to the trip report
+//!   ([`jemalloc_stats`]). It takes tikv-jemallocator 0.6 or 0.7, whichever
+//!   the program's dependency graph holds.
 //!
 //! # Why `unsafe`
 //!
 //! Implementing [`GlobalAlloc`](std::alloc::GlobalAlloc) is unsafe by
-//! definition; the wrapper forwards every call unchanged. Each thread's count
-//! lives in its own thread-local block (or, over jemalloc, in jemalloc's
-//! thread-specific data), and readers reach it through a table whose exit
-//! protocol keeps every listed pointer valid while it is read
-//! (`src/registry.rs`, model-checked with `loom`, as are the folds of a
-//! thread's count into the shared total in `src/count.rs` and the latch). Reading jemalloc's
-//! counters of another thread relies on aligned 8-byte loads being
-//! single-copy atomic, so that mode is built for 64-bit targets only
-//! (`src/jemalloc_count.rs`). memwatch's `pthread_create` passes its
-//! arguments to the C library's unchanged, with a trampoline in place of the
-//! start routine (`src/thread_start.rs`). Each `unsafe` block says why it is
-//! sound.
+//! definition; the wrapper forwards every call unchanged. Each thread
+//! counts in a slot of a table that is never freed (`src/count/table.rs`),
+//! so readers load only atomics that the owner stores and never follow a
+//! pointer into another thread's memory; the fold of a slot into the shared
+//! total, a slot changing owners and the latch are model-checked with
+//! `loom`. Over jemalloc each thread reads its own jemalloc counters
+//! through the addresses jemalloc gave it (`src/count/jemalloc.rs`), and no
+//! other thread ever reads them. memwatch defines no C library symbol. Each
+//! `unsafe` block says why it is sound.
 //!
 //! # MSRV
 //!
-//! Rust 1.82.
+//! Rust 1.83.
 
 #![deny(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(clippy::undocumented_unsafe_blocks)]
-// Under `--cfg loom` only the count, the latch and the registry are built,
-// for their model checks.
+// Under `--cfg loom` only the slots, the table and the latch are built, for
+// their model checks.
 #![cfg_attr(loom, allow(dead_code, unused_imports))]
 
 mod count;
