@@ -361,3 +361,119 @@ pub fn shed_levels() {
     watchdog.exit_if_tripped();
     println!("finished");
 }
+
+/// `fork` without `exec` from a parent with 40 parked threads, each holding
+/// 1 MiB, and one thread taking readings in a loop: 20 children, one after
+/// another. Each child reads, starts and joins 8 threads that allocate,
+/// free and leak a known amount, reads again and exits 0 if the reading
+/// moved by exactly the leak and still holds the parent's heap; 1 if not.
+/// Prints how many children exited 0, and how many did not finish.
+pub fn fork_children(usable: fn(*mut u8, usize) -> usize) {
+    use std::sync::atomic::AtomicBool;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let parked: Vec<_> = (0..40)
+        .map(|_| {
+            let stop = stop.clone();
+            thread::spawn(move || {
+                let held = touched(1);
+                while !stop.load(Ordering::SeqCst) {
+                    thread::park_timeout(Duration::from_millis(50));
+                }
+                drop(held);
+            })
+        })
+        .collect();
+    let reader = {
+        let stop = stop.clone();
+        thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                std::hint::black_box(memwatch::live_bytes());
+            }
+        })
+    };
+    thread::sleep(Duration::from_millis(100));
+    let (mut ok, mut hung) = (0, 0);
+    for _ in 0..20 {
+        // SAFETY: the child only runs Rust code that memwatch and std
+        // support after fork (jemalloc's own fork handlers keep its locks
+        // consistent) and ends with `_exit`.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            let code = if fork_child_checks(usable) { 0 } else { 1 };
+            // SAFETY: ends the child without running the parent's exit
+            // handlers a second time.
+            unsafe { libc::_exit(code) };
+        }
+        match wait_child(pid, Duration::from_secs(10)) {
+            Some(0) => ok += 1,
+            Some(_) => {}
+            None => hung += 1,
+        }
+    }
+    stop.store(true, Ordering::SeqCst);
+    for t in parked {
+        t.thread().unpark();
+        t.join().unwrap();
+    }
+    reader.join().unwrap();
+    println!("children ok: {ok}");
+    println!("children hung: {hung}");
+}
+
+/// In a forked child: the reading holds the parent's 40 MiB, and 8 threads
+/// started and joined here move it by exactly what they leak.
+fn fork_child_checks(usable: fn(*mut u8, usize) -> usize) -> bool {
+    // Room for the leaks' addresses first, so that only the leaks move the
+    // reading.
+    let mut leaks: Vec<(usize, usize)> = Vec::with_capacity(8);
+    let start = memwatch::live_bytes();
+    if start < 40 << 20 {
+        eprintln!("child: reading {start} does not hold the parent's 40 MiB");
+        return false;
+    }
+    for t in 0..8 {
+        let leak = thread::spawn(move || {
+            let churn: Vec<Vec<u8>> = (0..200).map(|i| vec![1u8; 100 + i * 13]).collect();
+            drop(churn);
+            let leak = vec![7u8; 5000 + t].leak();
+            (leak.as_mut_ptr() as usize, leak.len())
+        });
+        leaks.push(leak.join().unwrap());
+    }
+    let expect: usize = leaks.iter().map(|&(p, n)| usable(p as *mut u8, n)).sum();
+    let moved = memwatch::live_bytes() as isize - start as isize;
+    if moved != expect as isize {
+        eprintln!("child: reading moved by {moved}, leaks count {expect}");
+        return false;
+    }
+    true
+}
+
+/// Waits for child `pid` up to `limit`; its exit code, or `None` after
+/// killing it if it did not finish.
+fn wait_child(pid: libc::pid_t, limit: Duration) -> Option<i32> {
+    let start = std::time::Instant::now();
+    loop {
+        let mut status = 0;
+        // SAFETY: `pid` is our child; `status` is writable.
+        let got = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if got == pid {
+            return Some(if libc::WIFEXITED(status) {
+                libc::WEXITSTATUS(status)
+            } else {
+                128 + libc::WTERMSIG(status)
+            });
+        }
+        if start.elapsed() > limit {
+            // SAFETY: our own child.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, &mut status, 0);
+            }
+            return None;
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+}

@@ -359,3 +359,24 @@ fn nothing_on_the_allocator_path_allocates() {
     assert_eq!(r.fact("churn done, nested so far"), Some("0"), "{r:#?}");
     assert_eq!(r.fact("nested"), Some("0"), "{r:#?}");
 }
+
+fn assert_fork_children(bin: &str) {
+    let r = run(bin, &[], LIMIT);
+    assert_eq!(r.code(), Some(0), "{r:#?}");
+    assert_eq!(r.fact("children hung"), Some("0"), "{r:#?}");
+    assert_eq!(r.fact("children ok"), Some("20"), "{r:#?}");
+}
+
+/// A child of `fork` keeps a reading that holds the parent's heap, with no
+/// entry left of the parent's other threads: 20 of 20 children read, start
+/// and join threads and count exactly, while the parent has 40 parked
+/// threads and a reader looping.
+#[test]
+fn forked_children_read_and_count_exactly() {
+    assert_fork_children("fork_children");
+}
+
+#[test]
+fn forked_children_read_and_count_exactly_over_system() {
+    assert_fork_children("system_fork_children");
+}
