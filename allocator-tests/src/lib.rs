@@ -13,6 +13,7 @@ use std::fs::OpenOptions;
 use std::io::Write;
 use std::time::Duration;
 
+pub mod audit;
 pub mod scenarios;
 pub mod wal;
 

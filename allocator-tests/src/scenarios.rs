@@ -365,10 +365,12 @@ pub fn shed_levels() {
 /// `fork` without `exec` from a parent with 40 parked threads, each holding
 /// 1 MiB, and one thread taking readings in a loop: 20 children, one after
 /// another. Each child reads, starts and joins 8 threads that allocate,
-/// free and leak a known amount, reads again and exits 0 if the reading
-/// moved by exactly the leak and still holds the parent's heap; 1 if not.
-/// Prints how many children exited 0, and how many did not finish.
-pub fn fork_children(usable: fn(*mut u8, usize) -> usize) {
+/// free and leak, reads again and exits 0 if the reading still holds the
+/// parent's heap and moved by exactly what [`crate::audit::tally`] moved;
+/// 1 if not. The binary's global allocator must be
+/// [`crate::audit::Audited`]. Prints how many children exited 0, and how
+/// many did not finish.
+pub fn fork_children() {
     use std::sync::atomic::AtomicBool;
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -401,7 +403,7 @@ pub fn fork_children(usable: fn(*mut u8, usize) -> usize) {
         let pid = unsafe { libc::fork() };
         assert!(pid >= 0, "fork failed");
         if pid == 0 {
-            let code = if fork_child_checks(usable) { 0 } else { 1 };
+            let code = if fork_child_checks() { 0 } else { 1 };
             // SAFETY: ends the child without running the parent's exit
             // handlers a second time.
             unsafe { libc::_exit(code) };
@@ -423,29 +425,29 @@ pub fn fork_children(usable: fn(*mut u8, usize) -> usize) {
 }
 
 /// In a forked child: the reading holds the parent's 40 MiB, and 8 threads
-/// started and joined here move it by exactly what they leak.
-fn fork_child_checks(usable: fn(*mut u8, usize) -> usize) -> bool {
-    // Room for the leaks' addresses first, so that only the leaks move the
-    // reading.
-    let mut leaks: Vec<(usize, usize)> = Vec::with_capacity(8);
+/// started and joined here move it by exactly what the audit's tally moved
+/// (their leaks, and whatever std frees of the parent's, such as the entry
+/// of a parent thread whose stack a new thread reuses).
+fn fork_child_checks() -> bool {
+    let tally = crate::audit::tally();
     let start = memwatch::live_bytes();
     if start < 40 << 20 {
         eprintln!("child: reading {start} does not hold the parent's 40 MiB");
         return false;
     }
+    let mut leaked = 0;
     for t in 0..8 {
         let leak = thread::spawn(move || {
             let churn: Vec<Vec<u8>> = (0..200).map(|i| vec![1u8; 100 + i * 13]).collect();
             drop(churn);
-            let leak = vec![7u8; 5000 + t].leak();
-            (leak.as_mut_ptr() as usize, leak.len())
+            vec![7u8; 5000 + t].leak().len()
         });
-        leaks.push(leak.join().unwrap());
+        leaked += leak.join().unwrap();
     }
-    let expect: usize = leaks.iter().map(|&(p, n)| usable(p as *mut u8, n)).sum();
     let moved = memwatch::live_bytes() as isize - start as isize;
-    if moved != expect as isize {
-        eprintln!("child: reading moved by {moved}, leaks count {expect}");
+    let expect = crate::audit::tally() - tally;
+    if moved != expect || expect < leaked as isize {
+        eprintln!("child: reading moved by {moved}, the tally by {expect}, {leaked} B leaked");
         return false;
     }
     true

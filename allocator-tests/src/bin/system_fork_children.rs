@@ -1,10 +1,13 @@
 //! `fork` without `exec` from a process with parked threads and a reader
 //! (over `System`).
 
+use allocator_tests::audit::Audited;
+use std::alloc::System;
+
+/// Tallied by requested size, as memwatch counts over `System`.
 #[global_allocator]
-static GLOBAL: memwatch::MemWatch<std::alloc::System> = memwatch::MemWatch::new(std::alloc::System);
+static GLOBAL: Audited<System> = Audited::new(memwatch::MemWatch::new(System), |_, size| size);
 
 fn main() {
-    // Over `System` a block counts as its requested size.
-    allocator_tests::scenarios::fork_children(|_, size| size);
+    allocator_tests::scenarios::fork_children();
 }
