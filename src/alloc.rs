@@ -54,16 +54,16 @@ impl<A> MemWatch<A> {
         }
     }
 
-    /// Sets the per-thread slack in bytes: how far a thread's uncounted delta
-    /// may grow before it is folded into the shared total that the threshold
-    /// check reads. The check can be late (or early) by at most `slack`
-    /// per thread. `0` folds every call: exact, and as slow as one shared
-    /// atomic.
+    /// Sets the per-thread slack in bytes: the most a thread's unfolded
+    /// delta may grow before it is folded into the shared total that the
+    /// threshold check reads. A thread's share of the process's error budget
+    /// (see [`MIN_BUDGET`](crate::MIN_BUDGET)) is smaller once there are
+    /// more than two threads; the slack caps it. `0` folds every call:
+    /// exact, and as slow as one shared atomic.
     ///
     /// Over jemalloc, the counters are jemalloc's, looked at every 64 KiB
     /// of a thread's allocation and free (every `slack` bytes, for a smaller
-    /// slack) and folded once more than `slack` is unfolded: the check is
-    /// late by at most `slack` plus 64 KiB per thread.
+    /// slack) and folded once more than the thread's share is unfolded.
     ///
     /// # Panics
     ///
@@ -163,7 +163,7 @@ unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for MemWatch<A> {
             };
         }
         let delta = new_size as isize - layout.size() as isize;
-        if own::try_record(delta, self.slack) {
+        if own::try_record(delta) {
             // SAFETY: as above.
             unsafe { self.inner.realloc(ptr, layout, new_size) }
         } else {
@@ -193,7 +193,7 @@ impl<A: GlobalAlloc + 'static> MemWatch<A> {
                 unsafe { Self::alloc_looking(layout, zeroed, self) }
             };
         }
-        if own::try_record(layout.size() as isize, self.slack) {
+        if own::try_record(layout.size() as isize) {
             // SAFETY: the caller upholds the contract for `layout`.
             unsafe { self.inner_alloc(layout, zeroed) }
         } else {

@@ -66,15 +66,41 @@ impl Latch {
         latch_new!()
     }
 
-    /// Looks at a fold's new total; returns whether the watchdog must be
-    /// woken (the latch tripped, or the pressure flag moved).
+    /// Notes `now` for the peak.
     #[inline]
-    pub(crate) fn observe(&self, now: isize) -> bool {
+    pub(crate) fn note_peak(&self, now: isize) {
         // Relaxed is enough for the peak: a statistic. The load first keeps
         // the common case (no new peak) free of a read-modify-write.
         if now > self.peak.load(Relaxed) {
             self.peak.fetch_max(now, Relaxed);
         }
+    }
+
+    /// Whether a reading between `low` and `high` could trip the latch or
+    /// move the pressure flag: then the caller takes the exact reading and
+    /// hands it to [`Self::observe`]. Relaxed loads: see the module docs;
+    /// the caller's SeqCst fence orders them after its fold.
+    #[inline]
+    pub(crate) fn needs_look(&self, high: isize, low: isize) -> bool {
+        let pressure = self.pressure.load(Relaxed);
+        (high > self.threshold.load(Relaxed) && self.tripped_at.load(Relaxed) == 0)
+            || (!pressure && high > self.shed_enter.load(Relaxed))
+            || (pressure && low < self.shed_leave.load(Relaxed))
+    }
+
+    /// Whether a threshold or a soft level is armed and the latch has not
+    /// tripped yet.
+    pub(crate) fn armed(&self) -> bool {
+        self.tripped_at.load(Relaxed) == 0
+            && (self.threshold.load(Relaxed) != isize::MAX
+                || self.shed_enter.load(Relaxed) != isize::MAX)
+    }
+
+    /// Looks at a reading; returns whether the watchdog must be woken (the
+    /// latch tripped, or the pressure flag moved).
+    #[inline]
+    pub(crate) fn observe(&self, now: isize) -> bool {
+        self.note_peak(now);
         let mut wake = false;
         // Relaxed load of the threshold: see the module docs; a fold racing
         // with the watchdog's start is caught by the watchdog's own check.
@@ -205,12 +231,29 @@ mod process {
         }
     }
 
-    /// Called on every fold with the new folded total.
+    /// Called with an exact reading.
     #[inline]
     pub(crate) fn observe(now: isize) {
         if LATCH.observe(now) {
             wake();
         }
+    }
+
+    /// Notes a folded total for the peak.
+    #[inline]
+    pub(crate) fn note_peak(now: isize) {
+        LATCH.note_peak(now);
+    }
+
+    /// Whether a reading between `low` and `high` could act on the latch.
+    #[inline]
+    pub(crate) fn needs_look(high: isize, low: isize) -> bool {
+        LATCH.needs_look(high, low)
+    }
+
+    /// Whether a level is armed and the latch has not tripped.
+    pub(crate) fn armed() -> bool {
+        LATCH.armed()
     }
 
     /// Arms the latch at `threshold` bytes and names the thread to wake.

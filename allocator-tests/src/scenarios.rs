@@ -479,3 +479,117 @@ fn wait_child(pid: libc::pid_t, limit: Duration) -> Option<i32> {
         thread::sleep(Duration::from_millis(5));
     }
 }
+
+/// The numbers after the binary's name: `N` for each of `names`, in order.
+pub fn args<const N: usize>(names: [&str; N]) -> [usize; N] {
+    let given: Vec<usize> = std::env::args()
+        .skip(1)
+        .map(|a| a.parse().expect("a whole number"))
+        .collect();
+    assert_eq!(given.len(), N, "usage: {}", names.join(" "));
+    std::array::from_fn(|i| given[i])
+}
+
+/// Idle threads that hide the heap: `main_mib` MiB on the main thread, then
+/// `threads` threads that start together (each joins memwatch's table with
+/// its first allocation) and then each allocate `per_thread_kib` KiB in
+/// 64 KiB blocks (every page written) and park holding it, as the workers
+/// of a pool do between requests. With the threshold crossed the watchdog exits
+/// 2 (the workers stop allocating once the latch has tripped, as a server
+/// stops intake). If every worker holds its share without a trip, it prints
+/// the reading and exits 0.
+pub fn idle_threads(main_mib: usize, threads: usize, per_thread_kib: usize) {
+    init_logging();
+    let watchdog = memwatch::Watchdog::from_env()
+        .on_shutdown("mark", || {
+            trace(&format!(
+                "tripped at {} bytes",
+                memwatch::snapshot().tripped_at_bytes.unwrap_or(0)
+            ))
+        })
+        .start();
+    let main = touched(main_mib);
+    let started = Arc::new(Barrier::new(threads));
+    let holding = Arc::new(Barrier::new(threads + 1));
+    let workers: Vec<_> = (0..threads)
+        .map(|_| {
+            let (started, holding) = (started.clone(), holding.clone());
+            thread::Builder::new()
+                .stack_size(64 << 10)
+                .spawn(move || {
+                    let mut held = Vec::with_capacity(1024);
+                    started.wait();
+                    let mut left = per_thread_kib << 10;
+                    while left > 0 && !memwatch::tripped() {
+                        let block = left.min(64 << 10);
+                        held.push(vec![0xA5u8; block]);
+                        left -= block;
+                    }
+                    holding.wait();
+                    // Idle, holding it, until the process ends.
+                    loop {
+                        thread::park();
+                        std::hint::black_box(&held);
+                    }
+                })
+                .expect("spawn a worker")
+        })
+        .collect();
+    holding.wait();
+    // Give a trip that came with the last block time to act.
+    thread::sleep(Duration::from_millis(500));
+    watchdog.exit_if_tripped();
+    println!("reading: {}", memwatch::live_bytes());
+    println!("tripped: {}", memwatch::tripped());
+    std::hint::black_box((&main, &workers));
+}
+
+/// How far past the threshold the heap is when the latch trips: `threads`
+/// threads allocate `step` bytes at a time (holding all of it) until the
+/// latch trips. The binary's global allocator is [`crate::audit::Audited`];
+/// the hook waits for the threads to stop and prints the tally at the trip
+/// (`heap at trip`, which includes at most one step per thread taken after
+/// it) and the threshold.
+pub fn overshoot(threads: usize, step: usize) {
+    use std::sync::atomic::AtomicIsize;
+    static AT_TRIP: AtomicIsize = AtomicIsize::new(0);
+    static STOPPED: AtomicUsize = AtomicUsize::new(0);
+    init_logging();
+    let watchdog = memwatch::Watchdog::from_env()
+        .on_shutdown("report", move || {
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while STOPPED.load(Ordering::SeqCst) < threads && std::time::Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(1));
+            }
+            println!("heap at trip: {}", AT_TRIP.load(Ordering::SeqCst));
+            println!("threshold: {}", memwatch::threshold_bytes().unwrap_or(0));
+            println!(
+                "tripped at: {}",
+                memwatch::snapshot().tripped_at_bytes.unwrap_or(0)
+            );
+        })
+        .start();
+    let start = Arc::new(Barrier::new(threads));
+    let workers: Vec<_> = (0..threads)
+        .map(|_| {
+            let start = start.clone();
+            thread::spawn(move || {
+                start.wait();
+                let mut held = Vec::new();
+                while !memwatch::tripped() {
+                    held.push(vec![1u8; step]);
+                }
+                AT_TRIP.fetch_max(crate::audit::tally(), Ordering::SeqCst);
+                STOPPED.fetch_add(1, Ordering::SeqCst);
+                loop {
+                    thread::park();
+                    std::hint::black_box(&held);
+                }
+            })
+        })
+        .collect();
+    thread::sleep(Duration::from_secs(60));
+    watchdog.exit_if_tripped();
+    println!("no trip");
+    std::hint::black_box(&workers);
+}

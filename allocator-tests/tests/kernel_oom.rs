@@ -399,3 +399,40 @@ fn ratio_levels_follow_a_resize_of_the_cgroup() {
     assert!(!log.contains("not tripped"), "{log}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Idle threads in a real 400 MiB cgroup: 100 MiB on the main thread and
+/// 128 pool threads each holding 3.99 MiB (610 MiB in all, every page
+/// written). Without memwatch the kernel OOM-kills the process; with a
+/// 256 MiB threshold memwatch exits 2 first, and the kernel kills nothing.
+#[test]
+fn idle_threads_exit_2_where_the_kernel_oom_kills() {
+    for threshold in [None, Some("256")] {
+        let name = format!("idle-{}", threshold.unwrap_or("off"));
+        let Some(cg) = cgroup_or_skip(&name, 400 << 20) else {
+            return;
+        };
+        let mut cmd = cg.command(&bin_path("idle_threads"), &["100", "128", "4085"]);
+        cmd.env_remove(THRESHOLD)
+            .env_remove("ELASTICKV_MEMORY_SHUTDOWN_GRACE")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(t) = threshold {
+            cmd.env(THRESHOLD, t);
+        }
+        let out = cmd.output().expect("spawn idle_threads");
+        let kills = cg.oom_kills();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        match threshold {
+            None => {
+                assert_eq!(out.status.signal(), Some(9), "the baseline: {out:?}");
+                assert!(kills >= Some(1), "oom_kill {kills:?}: {stderr}");
+            }
+            Some(_) => {
+                assert_eq!(out.status.code(), Some(2), "{out:?}");
+                assert_eq!(kills, Some(0), "oom_kill {kills:?}: {stderr}");
+            }
+        }
+        println!("{name}: {:?}, oom_kill {kills:?}", out.status);
+    }
+}

@@ -35,8 +35,7 @@ use tikv_jemalloc_sys as sys;
 
 use super::slot::Slot;
 use super::table::Table;
-use super::{arm_exit, fold, TOTAL};
-use crate::latch;
+use super::{arm_exit, fold, fold_size, observe, thread_joined, thread_left, TOTAL};
 
 /// Bytes of a thread's allocation and free between two looks at its
 /// counters: jemalloc's own event interval for its peak tracking
@@ -98,7 +97,7 @@ pub(crate) fn before(bytes: usize, slack: usize) -> After {
     }
     let window = window(slack);
     if bytes <= window {
-        look(slack);
+        look(fold_size(slack));
         LEFT.with(|l| l.set(window - bytes));
         After::Nothing
     } else {
@@ -121,7 +120,7 @@ pub(crate) enum After {
 /// After a call larger than the countdown: publishes (or folds) at once and
 /// restarts the countdown.
 pub(crate) fn after(slack: usize) {
-    look(slack);
+    look(fold_size(slack));
     LEFT.with(|l| l.set(window(slack)));
 }
 
@@ -162,6 +161,7 @@ fn join(_slack: usize) -> bool {
     FOLDED.with(|f| f.set(net()));
     STATE.with(|s| s.set(ACTIVE));
     crate::stats::note_jemalloc_inner();
+    thread_joined();
     true
 }
 
@@ -177,16 +177,16 @@ fn net() -> u64 {
 }
 
 /// Publishes what the thread counted since its last fold, folding it into
-/// the total once it exceeds `slack`.
-fn look(slack: usize) {
+/// the total once it exceeds `fold` bytes either way.
+fn look(fold: usize) {
     let net = net();
     let pending = net.wrapping_sub(FOLDED.with(Cell::get)) as isize;
     // SAFETY: an `ACTIVE` thread's slot, claimed by it and held until it
     // frees it in `leave`; slots are never unmapped.
     let slot = unsafe { &*SLOT.with(Cell::get) };
-    if pending.unsigned_abs() > slack {
+    if pending.unsigned_abs() > fold {
         FOLDED.with(|f| f.set(net));
-        latch::observe(slot.fold_published(&TOTAL, pending));
+        observe(slot.fold_published(&TOTAL, pending));
     } else {
         slot.publish(pending);
     }
@@ -214,24 +214,33 @@ pub(crate) fn leave() {
     let slot = SLOT.with(|s| s.replace(ptr::null()));
     // SAFETY: as in `look`.
     TABLE.release(unsafe { &*slot });
+    thread_left();
 }
 
-/// Adds every taken slot's published delta to `sum`, for a reading.
-pub(crate) fn add_pending(sum: &mut isize) {
-    TABLE.for_each(|s| *sum = sum.wrapping_add(s.pending()));
+/// Adds every taken slot's published delta to `sum`, and the positive ones
+/// to `ahead`, for a reading.
+pub(crate) fn add_pending(sum: &mut isize, ahead: &mut isize) {
+    TABLE.for_each(|s| {
+        let p = s.pending();
+        *sum = sum.wrapping_add(p);
+        *ahead = ahead.saturating_add(p.max(0));
+    });
 }
 
-/// In a forked child: folds and frees every slot but the calling thread's.
-/// What the other threads did since they last published is lost: at most
-/// [`WINDOW`] bytes of activity each.
-pub(crate) fn forget_other_threads() {
+/// In a forked child: folds and frees every slot but the calling thread's;
+/// returns how many it freed. What the other threads did since they last
+/// published is lost: at most [`WINDOW`] bytes of activity each.
+pub(crate) fn forget_other_threads() -> usize {
     let mine = SLOT.with(Cell::get);
+    let mut freed = 0;
     TABLE.for_each(|s| {
         if !ptr::eq(s, mine) {
             s.drain_into(&TOTAL);
             TABLE.release(s);
+            freed += 1;
         }
     });
+    freed
 }
 
 /// The usable size jemalloc gives `block`: what a call of a thread without

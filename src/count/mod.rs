@@ -29,9 +29,16 @@ pub(crate) mod jemalloc;
 pub(crate) use process::*;
 
 /// Default per-thread slack, in bytes: 4 MiB, ClickHouse's default
-/// `max_untracked_memory`. Alloc/free pairs up to this size never touch the
-/// shared total, and a thread holds at most this much unfolded.
+/// `max_untracked_memory`. A thread folds what it counted into the shared
+/// total once more than its share of the process's error budget, and never
+/// more than this, is unfolded; alloc/free pairs up to that size never
+/// touch the shared total.
 pub const DEFAULT_SLACK: usize = 4 << 20;
+
+/// The least error budget: the process-wide bound on what all threads
+/// together may hold unfolded is the larger of this (16 MiB) and 2% of the
+/// threshold. See `docs/design.md`, "The error bound".
+pub const MIN_BUDGET: usize = 16 << 20;
 
 /// The largest slack [`crate::MemWatch::with_slack`] accepts: 2^61 bytes.
 /// It keeps `2 * slack` below 2^62, so that a slot outside every window can
@@ -41,20 +48,109 @@ pub const MAX_SLACK: usize = isize::MAX as usize / 4;
 #[cfg(not(loom))]
 mod process {
     use std::ffi::c_void;
-    use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
+    use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release, SeqCst};
 
-    use super::slot;
+    use super::{slot, MIN_BUDGET};
     use crate::latch;
-    use crate::sync::{AtomicIsize, AtomicU8, AtomicUsize};
+    use crate::sync::{fence, AtomicIsize, AtomicU8, AtomicUsize};
 
     /// The folded total of live bytes.
     pub(crate) static TOTAL: AtomicIsize = AtomicIsize::new(0);
+
+    /// Threads holding a slot, in either table.
+    static THREADS: AtomicUsize = AtomicUsize::new(0);
+
+    /// The process's error budget in bytes (see [`fold_size`]).
+    static BUDGET: AtomicUsize = AtomicUsize::new(MIN_BUDGET);
+
+    /// The sum of the positive pending deltas at the last exact check: what
+    /// the folds add to the total before they compare it with the levels.
+    static AHEAD: AtomicIsize = AtomicIsize::new(0);
 
     /// Adds `delta` to the shared total and lets the latch look at it: how
     /// a call that no slot counts (a thread past its exit, or before it
     /// could join) is counted.
     pub(crate) fn fold(delta: isize) {
-        latch::observe(slot::add_to(&TOTAL, delta));
+        observe(slot::add_to(&TOTAL, delta));
+    }
+
+    /// How far a thread's pending delta may go either way before it folds:
+    /// its share of the budget, half the budget split among the threads,
+    /// and never more than `slack`. Relaxed: both words are read-mostly
+    /// figures; a thread that reads a stale one is caught by the exact
+    /// check that every join makes.
+    #[inline]
+    pub(crate) fn fold_size(slack: usize) -> usize {
+        let threads = THREADS.load(Relaxed).max(1);
+        slack.min(BUDGET.load(Relaxed) / (2 * threads))
+    }
+
+    /// Sets the budget for `threshold`: the larger of [`MIN_BUDGET`] and 2%
+    /// of it.
+    pub(crate) fn set_budget(threshold: isize) {
+        let budget = (threshold.max(0) as usize / 50).max(MIN_BUDGET);
+        BUDGET.store(budget, SeqCst);
+    }
+
+    /// The budget in bytes.
+    pub(crate) fn budget() -> usize {
+        BUDGET.load(SeqCst)
+    }
+
+    /// A thread took a slot: the budget's shares shrink, and the slots that
+    /// hold more than the new share are looked at now (see
+    /// [`check_exact`]).
+    pub(crate) fn thread_joined() {
+        THREADS.fetch_add(1, SeqCst);
+        if latch::armed() {
+            check_exact();
+        }
+    }
+
+    /// A thread gave its slot back.
+    pub(crate) fn thread_left() {
+        THREADS.fetch_sub(1, SeqCst);
+    }
+
+    /// Looks at a fold's new total. The total misses what the slots hold
+    /// unfolded; adding what they held ahead at the last exact check, a
+    /// fold that could cross a level makes an exact check, so the levels
+    /// are compared with the whole reading. Far from the levels this is one
+    /// fence and two loads.
+    #[inline]
+    pub(crate) fn observe(total: isize) {
+        // SeqCst: the fold's add comes before the levels are loaded, and
+        // the watchdog stores the levels before its own check (Dekker's
+        // pattern): the fold or that check sees the other.
+        fence(SeqCst);
+        latch::note_peak(total);
+        // Relaxed: a figure of the last check; the exact check decides.
+        if latch::needs_look(total.saturating_add(AHEAD.load(Relaxed)), total) {
+            check_exact();
+        }
+    }
+
+    /// Compares the whole reading (every slot's pending delta and the
+    /// total) with the levels, and notes how much the slots hold ahead of
+    /// the total. Allocates nothing, takes no lock: a walk of the table.
+    pub(crate) fn check_exact() {
+        // SeqCst: see `observe`.
+        fence(SeqCst);
+        let (now, ahead) = reading();
+        AHEAD.store(ahead, Relaxed);
+        latch::observe(now);
+    }
+
+    /// The exact reading and the sum of the positive pending deltas.
+    fn reading() -> (isize, isize) {
+        let (mut sum, mut ahead) = (0isize, 0isize);
+        super::own::add_pending(&mut sum, &mut ahead);
+        #[cfg(memwatch_jemalloc_counts)]
+        super::jemalloc::add_pending(&mut sum, &mut ahead);
+        // The total last, so that a fold racing with this reading is counted
+        // once or twice, never missed (see `slot`). Relaxed: the Acquire
+        // loads of the slots order it after them.
+        (sum.wrapping_add(TOTAL.load(Relaxed)), ahead)
     }
 
     /// The exact reading: every taken slot's pending delta, then the total.
@@ -66,14 +162,7 @@ mod process {
     pub(crate) fn live_bytes() -> isize {
         #[cfg(memwatch_jemalloc_counts)]
         super::jemalloc::publish_own();
-        let mut sum: isize = 0;
-        super::own::add_pending(&mut sum);
-        #[cfg(memwatch_jemalloc_counts)]
-        super::jemalloc::add_pending(&mut sum);
-        // The total last, so that a fold racing with this reading is counted
-        // once or twice, never missed (see `slot`). Relaxed: the Acquire
-        // loads of the slots order it after them.
-        sum.wrapping_add(TOTAL.load(Relaxed))
+        reading().0
     }
 
     /// The folded total alone, what the threshold check compares.
@@ -156,8 +245,12 @@ mod process {
     /// threads' slots are folded into the total (their heap was copied with
     /// the rest) and freed, so that nothing points at threads that are gone.
     extern "C" fn after_fork_in_child() {
-        super::own::forget_other_threads();
+        #[allow(unused_mut)]
+        let mut freed = super::own::forget_other_threads();
         #[cfg(memwatch_jemalloc_counts)]
-        super::jemalloc::forget_other_threads();
+        {
+            freed += super::jemalloc::forget_other_threads();
+        }
+        THREADS.fetch_sub(freed, SeqCst);
     }
 }

@@ -14,8 +14,7 @@ use std::cell::Cell;
 
 use super::slot::Slot;
 use super::table::Table;
-use super::{arm_exit, fold, TOTAL};
-use crate::latch;
+use super::{arm_exit, fold, fold_size, observe, thread_joined, thread_left, TOTAL};
 
 /// The slots of threads that count through memwatch's own count.
 static TABLE: Table = Table::new();
@@ -41,11 +40,11 @@ thread_local! {
 }
 
 /// The fast path: counts `delta` for the calling thread if its pending
-/// delta stays within `slack`. If not, nothing changed and the caller goes
-/// to its cold path, which calls [`record`].
+/// delta stays within its window. If not, nothing changed and the caller
+/// goes to its cold path, which calls [`record`].
 #[inline(always)]
-pub(crate) fn try_record(delta: isize, slack: usize) -> bool {
-    SLOT.with(|s| s.get().add(delta, slack))
+pub(crate) fn try_record(delta: isize) -> bool {
+    SLOT.with(|s| s.get().add(delta))
 }
 
 /// [`try_record`] for a free of `size` bytes.
@@ -58,7 +57,7 @@ pub(crate) fn try_record_free(size: usize) -> bool {
 /// take it. `on_join` runs once per thread, as it joins.
 #[inline]
 pub(crate) fn record(delta: isize, slack: usize, on_join: impl Fn()) {
-    if !try_record(delta, slack) {
+    if !try_record(delta) {
         record_cold(delta, slack, on_join);
     }
 }
@@ -69,7 +68,7 @@ fn record_cold(delta: isize, slack: usize, on_join: impl Fn()) {
     match STATE.with(Cell::get) {
         ACTIVE => {
             let slot = SLOT.with(Cell::get);
-            latch::observe(slot.fold_into(&TOTAL, delta, slack));
+            observe(slot.fold_into(&TOTAL, delta, fold_size(slack)));
         }
         UNREGISTERED => {
             on_join();
@@ -95,9 +94,10 @@ fn join(slack: usize) -> bool {
         return false;
     };
     // Pending 0 before anyone reads it (the claim's fence orders it).
-    slot.empty(slack);
+    slot.empty(fold_size(slack));
     SLOT.with(|s| s.set(slot));
     STATE.with(|s| s.set(ACTIVE));
+    thread_joined();
     true
 }
 
@@ -108,24 +108,34 @@ pub(crate) fn leave() {
         return;
     }
     let slot = SLOT.with(|s| s.replace(&NOWHERE));
-    latch::observe(slot.drain_into(&TOTAL));
+    observe(slot.drain_into(&TOTAL));
     TABLE.release(slot);
+    thread_left();
 }
 
-/// Adds every taken slot's pending delta to `sum`, for a reading.
-pub(crate) fn add_pending(sum: &mut isize) {
-    TABLE.for_each(|s| *sum = sum.wrapping_add(s.pending()));
+/// Adds every taken slot's pending delta to `sum`, and the positive ones
+/// to `ahead`, for a reading.
+pub(crate) fn add_pending(sum: &mut isize, ahead: &mut isize) {
+    TABLE.for_each(|s| {
+        let p = s.pending();
+        *sum = sum.wrapping_add(p);
+        *ahead = ahead.saturating_add(p.max(0));
+    });
 }
 
-/// In a forked child: folds and frees every slot but the calling thread's.
-pub(crate) fn forget_other_threads() {
+/// In a forked child: folds and frees every slot but the calling thread's;
+/// returns how many it freed.
+pub(crate) fn forget_other_threads() -> usize {
     let mine: *const Slot = SLOT.with(Cell::get);
+    let mut freed = 0;
     TABLE.for_each(|s| {
         if !std::ptr::eq(s, mine) {
             s.drain_into(&TOTAL);
             TABLE.release(s);
+            freed += 1;
         }
     });
+    freed
 }
 
 /// How many threads hold a slot now.

@@ -20,7 +20,7 @@
 //! (on x86-64 it emits no instruction); the owner's other stores are Relaxed:
 //! only the owner writes its slot's level, so it reads its own last stores.
 
-use crate::sync::{fence, AtomicBool, AtomicIsize};
+use crate::sync::{fence, AtomicBool, AtomicIsize, AtomicUsize};
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 
 /// The level of a slot that counts nothing: so far outside any window that
@@ -34,17 +34,21 @@ const OUTSIDE: isize = isize::MIN / 2;
 /// line (128 bytes: two 64-byte lines, which x86's adjacent-line prefetcher
 /// fetches as a pair; crossbeam's `CachePadded` uses the same figure).
 ///
-/// The delta is kept biased: `level = pending + bias`, with `bias` the slack
-/// of the allocator that last folded it. The window `-slack <= pending <=
-/// slack` then reads `0 <= level <= 2 * slack`, one unsigned compare. A
-/// slot that only publishes (over jemalloc) keeps a bias of 0.
+/// The delta is kept biased: `level = pending + bias`, with `bias` the
+/// window the owner chose at its last fold. The window `-bias <= pending <=
+/// bias` then reads `0 <= level <= limit` (`limit = 2 * bias`), one
+/// unsigned compare. A slot that only publishes (over jemalloc) keeps a
+/// bias of 0.
 #[repr(align(128))]
 pub(crate) struct Slot {
     /// `pending + bias`. Written only by the owner.
     level: AtomicIsize,
-    /// The slack the level is biased by. Written only by the owner, off the
-    /// fast path.
+    /// The window the level is biased by. Written only by the owner, off
+    /// the fast path.
     bias: AtomicIsize,
+    /// `2 * bias`: the fast path's bound. Written only by the owner, off the
+    /// fast path; 0 (with the level far outside) for a slot of no thread.
+    limit: AtomicUsize,
     /// Whether a thread owns the slot (see [`super::table`]).
     pub(super) taken: AtomicBool,
 }
@@ -56,6 +60,7 @@ impl Slot {
         Slot {
             level: AtomicIsize::new(OUTSIDE),
             bias: AtomicIsize::new(0),
+            limit: AtomicUsize::new(0),
             taken: AtomicBool::new(false),
         }
     }
@@ -67,20 +72,22 @@ impl Slot {
         Slot {
             level: AtomicIsize::new(OUTSIDE),
             bias: AtomicIsize::new(0),
+            limit: AtomicUsize::new(0),
             taken: AtomicBool::new(false),
         }
     }
 
     /// The fast path: adds `delta` and returns `true` if the pending delta
-    /// stays within `slack`; otherwise changes nothing and returns `false`
-    /// (the caller folds). Always `false` for a slot outside every window.
+    /// stays within the window; otherwise changes nothing and returns
+    /// `false` (the caller folds). Always `false` for a slot outside every
+    /// window.
     #[inline(always)]
-    pub(crate) fn add(&self, delta: isize, slack: usize) -> bool {
-        // Relaxed: only the owner writes its level.
+    pub(crate) fn add(&self, delta: isize) -> bool {
+        // Relaxed: only the owner writes its level and limit.
         let level = self.level.load(Relaxed).wrapping_add(delta);
-        // `0 <= level <= 2 * slack` as one unsigned compare: a negative
-        // level is above `isize::MAX` as a `usize`.
-        if level as usize <= slack * 2 {
+        // `0 <= level <= limit` as one unsigned compare: a negative level is
+        // above `isize::MAX` as a `usize`.
+        if level as usize <= self.limit.load(Relaxed) {
             // Relaxed: the fence of the last fold orders it for readers.
             self.level.store(level, Relaxed);
             true
@@ -114,14 +121,14 @@ impl Slot {
     }
 
     /// Moves the pending delta plus `delta` into `total`, leaving the slot
-    /// empty and biased by `slack`. Returns the new total. Owner only.
-    pub(crate) fn fold_into(&self, total: &AtomicIsize, delta: isize, slack: usize) -> isize {
+    /// empty with a window of `window`. Returns the new total. Owner only.
+    pub(crate) fn fold_into(&self, total: &AtomicIsize, delta: isize, window: usize) -> isize {
         // Relaxed: owner-only words.
         let bias = self.bias.load(Relaxed);
         let level = self.level.load(Relaxed).wrapping_add(delta);
         let now = add_to(total, level.wrapping_sub(bias));
         fence(Release);
-        self.empty(slack);
+        self.empty(window);
         now
     }
 
@@ -145,21 +152,22 @@ impl Slot {
         self.level.store(pending, Relaxed);
     }
 
-    /// Pending 0, biased by `slack`: a slot just claimed or just folded.
-    /// Owner only.
-    pub(crate) fn empty(&self, slack: usize) {
-        let slack = slack as isize;
+    /// Pending 0 with a window of `window` bytes either way: a slot just
+    /// claimed or just folded. Owner only.
+    pub(crate) fn empty(&self, window: usize) {
+        let window = window as isize;
         // Relaxed: owner-only words, ordered for readers by the fold's
         // fence or by the claim's Release.
         let bias = self.bias.load(Relaxed);
-        if bias != slack {
+        if bias != window {
             // Pending 0 under the old bias, then under the new one: a reader
-            // between the two stores is off by `bias - slack` for that
+            // between the two stores is off by `bias - window` for that
             // instant.
             self.level.store(bias, Relaxed);
-            self.bias.store(slack, Relaxed);
+            self.bias.store(window, Relaxed);
+            self.limit.store(2 * window as usize, Relaxed);
         }
-        self.level.store(slack, Relaxed);
+        self.level.store(window, Relaxed);
     }
 
     /// Back outside every window: the slot of no thread. Owner only, after
@@ -222,7 +230,7 @@ mod loom_tests {
                 thread::spawn(move || {
                     for (i, &(delta, slack)) in ops.iter().enumerate() {
                         let fast = if delta > 0 {
-                            slot.add(delta, slack)
+                            slot.add(delta)
                         } else {
                             slot.take(delta.unsigned_abs())
                         };

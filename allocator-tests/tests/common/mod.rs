@@ -69,9 +69,15 @@ pub fn scratch(name: &str) -> PathBuf {
 /// Runs `bin` with only the given memwatch variables set (any inherited ones
 /// are removed), a trace file, and a time limit after which it is killed.
 pub fn run(bin: &str, env: &[(&str, &str)], limit: Duration) -> Run {
+    run_with_args(bin, &[], env, limit)
+}
+
+/// [`run`], with arguments.
+pub fn run_with_args(bin: &str, args: &[&str], env: &[(&str, &str)], limit: Duration) -> Run {
     let dir = scratch(bin);
     let trace = dir.join("trace");
     let mut cmd = Command::new(bin_path(bin));
+    cmd.args(args);
     for (name, _) in std::env::vars_os() {
         if name.to_string_lossy().starts_with("ELASTICKV_MEMORY_") {
             cmd.env_remove(name);
