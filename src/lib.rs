@@ -27,9 +27,9 @@
 //!   memwatch's fast path only spends the call's size from a thread-local
 //!   countdown; every 64 KiB of a thread's activity the thread reads its
 //!   counters, publishes them for readings and folds them into the shared
-//!   total once more than the slack (4 MiB by default) is unfolded. Over
+//!   total once more than its share of the error budget is unfolded. Over
 //!   any other allocator, memwatch adds the requested size to the thread's
-//!   own delta and folds it when it exceeds the slack.
+//!   own delta and folds it when it exceeds that share.
 //! - A thread joins on its first call through the allocator, whatever
 //!   started it (std, tokio, C code, the C library itself, a `dlopen`'d
 //!   library), and leaves from a `pthread` key destructor at its end.
@@ -45,10 +45,10 @@
 //! |---|---|---|
 //! | `ELASTICKV_MEMORY_SHUTDOWN_THRESHOLD_MB` | threshold in MiB (× 1,048,576 bytes); unset, empty or `0` is off | off |
 //! | `ELASTICKV_MEMORY_SHUTDOWN_THRESHOLD_RATIO` | threshold as a fraction in (0, 1] of the effective memory limit (cgroup or RAM); the MiB form wins | off |
-//! | `ELASTICKV_MEMORY_SHUTDOWN_GRACE` | time the hooks may take: `500ms`, `10s`, `2m` | `30s` |
+//! | `ELASTICKV_MEMORY_SHUTDOWN_GRACE` | time the hooks may take: `500ms`, `10s`, `2m`; at most a day (longer is clamped, with a warning) | `30s` |
 //! | `ELASTICKV_MEMORY_SHED_THRESHOLD_MB` | soft level in MiB, below the threshold: [`pressure`] turns true above it | off |
 //! | `ELASTICKV_MEMORY_SHED_THRESHOLD_RATIO` | soft level as a fraction of the effective memory limit | off |
-//! | `ELASTICKV_MEMORY_LIMIT_RECHECK` | how often a ratio level re-reads the memory limit and follows a resize; `0s` reads it once | `10s` |
+//! | `ELASTICKV_MEMORY_LIMIT_RECHECK` | how often a ratio level re-reads the memory limit and follows a resize; `0s` reads it once; at most a day (longer is clamped, with a warning) | `10s` |
 //!
 //! A malformed value gives one warning naming the variable and the value; a
 //! bad threshold or grace leaves the watchdog off, a bad soft level leaves
@@ -84,10 +84,14 @@
 //! thread, however many threads came and went. Over memwatch's own count it
 //! is exact for every quiescent thread; over jemalloc, every other live
 //! thread may have up to 64 KiB of allocation and free that it has not
-//! published yet. The threshold check sees the folded total, which lags by
-//! at most the slack plus 64 KiB per thread: with the default 4 MiB slack
-//! and 16 busy threads, the trip can come up to about 65 MiB early or
-//! late. [`MemWatch::with_slack`] trades speed for a tighter bound.
+//! published yet. The threshold has one error budget for the whole process,
+//! the larger of 16 MiB ([`MIN_BUDGET`]) and 2% of the threshold: the trip
+//! comes at most that much plus 64 KiB per thread (over jemalloc) early or
+//! late, however many threads there are and whether they are busy or idle.
+//! Each thread folds its count once it has moved by its share of the budget
+//! (the budget split among the threads, at most the slack), and a fold that
+//! could cross a level sums every thread's pending count before the latch
+//! decides. [`MemWatch::with_slack`] caps the share.
 //!
 //! Over jemalloc, a block counts as its usable size (its size class, what
 //! jemalloc's `stats.allocated` counts), and jemalloc counts every block it
@@ -164,7 +168,7 @@ pub use crate::config::{
     THRESHOLD_ENV, THRESHOLD_RATIO_ENV,
 };
 #[cfg(not(loom))]
-pub use crate::count::{DEFAULT_SLACK, MAX_SLACK};
+pub use crate::count::{DEFAULT_SLACK, MAX_SLACK, MIN_BUDGET};
 #[cfg(not(loom))]
 pub use crate::limits::{memory_limit, memory_limit_at, LimitSource, MemoryLimit};
 #[cfg(not(loom))]

@@ -289,8 +289,9 @@ impl Watchdog {
                 None
             }
         };
+        let grace = at_most_a_day(self.grace, "grace period", config::GRACE_ENV);
         let recheck = match self.limit_recheck {
-            Ok(every) => every,
+            Ok(every) => at_most_a_day(every, "limit recheck period", config::LIMIT_RECHECK_ENV),
             Err(e) => {
                 emit(
                     Level::Warn,
@@ -321,7 +322,7 @@ impl Watchdog {
         }
         let plan = Plan {
             threshold,
-            grace: self.grace,
+            grace,
             exit_code: self.exit_code,
         };
         let callbacks = self.pressure_callbacks;
@@ -345,10 +346,12 @@ impl Watchdog {
                 return off;
             }
         };
+        count::set_budget(threshold);
         if let Some((enter, leave)) = shed {
             latch::arm_shed(enter, leave);
         }
         latch::arm(threshold, watchdog.thread().clone());
+        let off = WatchdogHandle { grace, ..off };
         if let Some(l) = &limit {
             let rechecked = if recheck.is_zero() {
                 "read once".to_owned()
@@ -369,10 +372,12 @@ impl Watchdog {
         emit(
             Level::Info,
             format_args!(
-                "memory watchdog on: threshold {} MiB ({} bytes), {shed_text}, grace {:?}, \
-                 exit code {}, {} shutdown hook(s) {:?}, live heap now {} bytes",
+                "memory watchdog on: threshold {} MiB ({} bytes), error budget {} MiB, \
+                 {shed_text}, grace {:?}, exit code {}, {} shutdown hook(s) {:?}, \
+                 live heap now {} bytes",
                 threshold as u64 / config::BYTES_PER_MIB,
                 threshold,
+                count::budget() as u64 / config::BYTES_PER_MIB,
                 plan.grace,
                 plan.exit_code,
                 names.len(),
@@ -385,6 +390,29 @@ impl Watchdog {
         check_now(threshold, shed);
         WatchdogHandle { armed: true, ..off }
     }
+}
+
+/// The longest grace or recheck period memwatch takes: a day. A longer one
+/// is clamped to it with one warning, so that no deadline can overflow.
+pub(crate) const MAX_PERIOD: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// `period`, or [`MAX_PERIOD`] with a warning naming `what` and `variable`
+/// if it is longer.
+fn at_most_a_day(period: Duration, what: &str, variable: &str) -> Duration {
+    if period <= MAX_PERIOD {
+        return period;
+    }
+    emit(
+        Level::Warn,
+        format_args!(
+            "the {what} of {}s ({variable} or the builder) is longer than {}s, the \
+             longest memwatch takes; using {}s",
+            period.as_secs(),
+            MAX_PERIOD.as_secs(),
+            MAX_PERIOD.as_secs()
+        ),
+    );
+    MAX_PERIOD
 }
 
 impl ConfigError {
@@ -458,6 +486,8 @@ fn describe_shed(shed: Option<(isize, isize)>) -> String {
 /// Compares the exact reading with the armed levels, for when they were
 /// set or moved outside a fold.
 fn check_now(threshold: isize, shed: Option<(isize, isize)>) {
+    // Also notes what the slots hold ahead of the total, for the folds.
+    count::check_exact();
     let now = count::live_bytes();
     match shed {
         Some((enter, _)) if now > enter => latch::shift_now(true),
@@ -504,6 +534,7 @@ impl Follow {
                 None
             }
         };
+        count::set_budget(threshold);
         latch::rearm(threshold, shed);
         let shed_text = describe_shed(shed);
         emit(
@@ -548,7 +579,7 @@ impl WatchdogHandle {
         }
         // The watchdog (or the grace thread) exits within the grace period.
         // If neither has, something is badly wrong: exit from here.
-        thread::sleep(self.grace + Duration::from_secs(5));
+        thread::sleep(self.grace.saturating_add(Duration::from_secs(5)));
         exit_once(self.exit_code);
     }
 }
@@ -565,7 +596,11 @@ pub fn wait_tripped() {
 
 /// Like [`wait_tripped`], with a timeout. Returns whether the latch tripped.
 pub fn wait_tripped_timeout(timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
+    let Some(deadline) = Instant::now().checked_add(timeout) else {
+        // Past the end of time: no deadline.
+        wait_tripped();
+        return true;
+    };
     let mut seq = SEQUENCE.lock();
     while seq.phase == Phase::Waiting {
         if SEQUENCE_CHANGED.wait_until(&mut seq, deadline).timed_out() {

@@ -380,3 +380,35 @@ fn forked_children_read_and_count_exactly() {
 fn forked_children_read_and_count_exactly_over_system() {
     assert_fork_children("system_fork_children");
 }
+
+/// Durations past any deadline arithmetic (2^64 - 1 seconds) are clamped to
+/// a day with one warning each, naming the variable, and the trip still
+/// runs the hooks and exits 2.
+#[test]
+fn huge_durations_are_clamped_with_a_warning_and_still_exit_2() {
+    let huge = "18446744073709551615s";
+    let r = run(
+        "crosses_threshold",
+        &[
+            (THRESHOLD, "64"),
+            (GRACE, huge),
+            ("ELASTICKV_MEMORY_LIMIT_RECHECK", huge),
+        ],
+        LIMIT,
+    );
+    assert_eq!(r.code(), Some(2), "{r:#?}");
+    assert_eq!(r.trace, ["first", "second"], "hooks ran in order: {r:#?}");
+    let warnings = r.stderr_lines("WARN");
+    assert_eq!(warnings.len(), 2, "{r:#?}");
+    for (warning, variable) in warnings
+        .iter()
+        .zip([GRACE, "ELASTICKV_MEMORY_LIMIT_RECHECK"])
+    {
+        assert!(
+            warning.contains(variable) && warning.contains("using 86400s"),
+            "{warning}"
+        );
+    }
+    let on = r.stderr_lines("memory watchdog on");
+    assert!(on[0].contains("grace 86400s"), "{r:#?}");
+}
