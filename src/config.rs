@@ -128,7 +128,21 @@ impl fmt::Display for ConfigError {
                 "no memory limit could be read (cgroup or /proc/meminfo)".to_owned()
             }
         };
-        write!(f, "invalid {}={:?}: {}", self.variable, self.value, why)
+        // A long value is cut, so that one bad variable makes one short line.
+        const SHOWN: usize = 64;
+        if self.value.chars().count() > SHOWN {
+            let head: String = self.value.chars().take(SHOWN).collect();
+            write!(
+                f,
+                "invalid {}={:?}... ({} bytes): {}",
+                self.variable,
+                head,
+                self.value.len(),
+                why
+            )
+        } else {
+            write!(f, "invalid {}={:?}: {}", self.variable, self.value, why)
+        }
     }
 }
 

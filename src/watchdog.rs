@@ -278,11 +278,9 @@ impl Watchdog {
             Ok(Some(bytes)) => bytes as isize,
         };
         let hysteresis = self.hysteresis_percent;
-        let shed = match self
-            .shed
-            .and_then(|s| resolve(s, &mut limit))
-            .and_then(|enter| shed_band(enter, threshold, hysteresis))
-        {
+        let shed = match self.shed.and_then(|s| {
+            resolve(s, &mut limit).and_then(|enter| shed_band(s, enter, threshold, hysteresis))
+        }) {
             Ok(band) => band,
             Err(e) => {
                 emit(Level::Warn, format_args!("{e}; the shed level is off"));
@@ -451,17 +449,25 @@ fn resolve(
 /// The soft level's enter and leave figures for a level of `enter` bytes
 /// (if any) under `threshold`.
 fn shed_band(
+    configured: Option<Configured>,
     enter: Option<u64>,
     threshold: isize,
     hysteresis_percent: u8,
 ) -> Result<Option<(isize, isize)>, ConfigError> {
     match enter {
         None => Ok(None),
-        Some(bytes) if bytes as isize >= threshold => Err(ConfigError::in_code(
-            config::SHED_ENV,
-            bytes / config::BYTES_PER_MIB,
-            Problem::ShedNotBelowShutdown,
-        )),
+        // Named as the user set it: the MiB variable and its MiB, or the
+        // ratio variable and its fraction.
+        Some(bytes) if bytes as isize >= threshold => Err(match configured {
+            Some(Configured::Ratio(r, variable)) => {
+                ConfigError::new(variable, &r.to_string(), Problem::ShedNotBelowShutdown)
+            }
+            _ => ConfigError::in_code(
+                config::SHED_ENV,
+                bytes / config::BYTES_PER_MIB,
+                Problem::ShedNotBelowShutdown,
+            ),
+        }),
         Some(bytes) => {
             let enter = bytes as isize;
             Ok(Some((
@@ -526,7 +532,7 @@ impl Follow {
         };
         let threshold = threshold as isize;
         let shed = match resolve(self.shed, &mut limit)
-            .and_then(|enter| shed_band(enter, threshold, self.hysteresis))
+            .and_then(|enter| shed_band(self.shed, enter, threshold, self.hysteresis))
         {
             Ok(band) => band,
             Err(e) => {
@@ -622,13 +628,14 @@ enum Phase {
 
 struct Sequence {
     phase: Phase,
-    deadline: Option<Instant>,
+    /// When the latch tripped, once it has.
+    tripped: Option<Instant>,
     current_hook: Option<String>,
 }
 
 static SEQUENCE: Mutex<Sequence> = Mutex::new(Sequence {
     phase: Phase::Waiting,
-    deadline: None,
+    tripped: None,
     current_hook: None,
 });
 static SEQUENCE_CHANGED: Condvar = Condvar::new();
@@ -673,10 +680,19 @@ fn watchdog_thread(
     let started = Instant::now();
     {
         let mut seq = SEQUENCE.lock();
-        seq.phase = Phase::Running;
-        seq.deadline = Some(started + plan.grace);
+        // A grace of 0 skips the hooks: the sequence is done at once.
+        seq.phase = if plan.grace.is_zero() {
+            Phase::Done
+        } else {
+            Phase::Running
+        };
+        seq.tripped = Some(started);
     }
     SEQUENCE_CHANGED.notify_all();
+    // From here on nothing the watchdog logs may hold it up: a standard
+    // error that nobody reads must not keep the hooks from running or the
+    // process from ending (the grace thread ends it at the deadline anyway).
+    let log = AfterTrip::start();
 
     // The armed threshold: the plan's, or where a resize moved it.
     let threshold = latch::threshold().unwrap_or(plan.threshold);
@@ -684,60 +700,145 @@ fn watchdog_thread(
         Some(s) => s.to_string(),
         None => "no jemalloc figures (jemalloc is not the inner allocator)".to_owned(),
     };
-    emit(
+    let then = if plan.grace.is_zero() {
+        "a grace of 0s skips the shutdown hooks; exiting with code".to_owned()
+    } else {
+        format!(
+            "running {} shutdown hook(s) within {:?}, then exiting with code",
+            hooks.len(),
+            plan.grace
+        )
+    };
+    log.emit(
         Level::Error,
-        format_args!(
+        format!(
             "memory threshold crossed: live heap {} bytes > threshold {} bytes ({} MiB); \
-             live now {} bytes; {}; running {} shutdown hook(s) within {:?}, then exiting with code {}",
+             live now {} bytes; {}; {then} {}",
             tripped_at,
             threshold,
             threshold as u64 / config::BYTES_PER_MIB,
             stats::live_bytes(),
             jemalloc,
-            hooks.len(),
-            plan.grace,
             plan.exit_code,
         ),
     );
 
-    for hook in hooks {
-        SEQUENCE.lock().current_hook = Some(hook.name.clone());
-        let began = Instant::now();
-        match panic::catch_unwind(AssertUnwindSafe(hook.run)) {
-            Ok(()) => emit(
-                Level::Info,
-                format_args!(
-                    "shutdown hook {:?} done in {:?}",
-                    hook.name,
-                    began.elapsed()
+    if !plan.grace.is_zero() {
+        for hook in hooks {
+            SEQUENCE.lock().current_hook = Some(hook.name.clone());
+            let began = Instant::now();
+            match panic::catch_unwind(AssertUnwindSafe(hook.run)) {
+                Ok(()) => log.emit(
+                    Level::Info,
+                    format!(
+                        "shutdown hook {:?} done in {:?}",
+                        hook.name,
+                        began.elapsed()
+                    ),
                 ),
-            ),
-            Err(payload) => emit(
-                Level::Error,
-                format_args!(
-                    "shutdown hook {:?} panicked after {:?}: {}; running the next one",
-                    hook.name,
-                    began.elapsed(),
-                    panic_message(&payload)
+                Err(payload) => log.emit(
+                    Level::Error,
+                    format!(
+                        "shutdown hook {:?} panicked after {:?}: {}; running the next one",
+                        hook.name,
+                        began.elapsed(),
+                        panic_message(&payload)
+                    ),
                 ),
+            }
+        }
+        {
+            let mut seq = SEQUENCE.lock();
+            seq.phase = Phase::Done;
+            seq.current_hook = None;
+        }
+        SEQUENCE_CHANGED.notify_all();
+        log.emit(
+            Level::Info,
+            format!(
+                "shutdown hooks finished in {:?}; exiting with code {}",
+                started.elapsed(),
+                plan.exit_code
             ),
+        );
+    }
+    // Give the log lines a moment to go out (no more than that: a blocked
+    // standard error must not hold the exit).
+    log.flush(LOG_FLUSH);
+    exit_once(plan.exit_code);
+}
+
+/// How long the exit waits for the log lines written after the trip.
+const LOG_FLUSH: Duration = Duration::from_millis(100);
+
+/// How long `exit` itself may take (atexit handlers, C++ static
+/// destructors, the flush of standard output) before the grace thread ends
+/// the process with `_exit`.
+const EXIT_MARGIN: Duration = Duration::from_millis(500);
+
+/// The lines the watchdog logs after the trip, written by a thread of
+/// their own ("memwatch-log"), so that a logger blocked on a full pipe
+/// holds up neither the hooks nor the exit.
+struct AfterTrip {
+    lines: Option<std::sync::mpsc::Sender<(Level, String)>>,
+    done: std::sync::mpsc::Receiver<()>,
+}
+
+impl AfterTrip {
+    fn start() -> Self {
+        let (tx, rx) = std::sync::mpsc::channel::<(Level, String)>();
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let spawned = thread::Builder::new()
+            .name("memwatch-log".into())
+            .spawn(move || {
+                for (level, line) in rx {
+                    emit(level, format_args!("{line}"));
+                    let _ = done_tx.send(());
+                }
+            });
+        match spawned {
+            Ok(_) => AfterTrip {
+                lines: Some(tx),
+                done,
+            },
+            // No thread for it: log from here, as before the trip.
+            Err(_) => AfterTrip {
+                lines: None,
+                done: std::sync::mpsc::channel().1,
+            },
         }
     }
-    {
-        let mut seq = SEQUENCE.lock();
-        seq.phase = Phase::Done;
-        seq.current_hook = None;
+
+    fn emit(&self, level: Level, line: String) {
+        match &self.lines {
+            Some(tx) => {
+                if let Err(std::sync::mpsc::SendError((level, line))) = tx.send((level, line)) {
+                    emit(level, format_args!("{line}"));
+                }
+            }
+            None => emit(level, format_args!("{line}")),
+        }
     }
-    SEQUENCE_CHANGED.notify_all();
-    emit(
-        Level::Info,
-        format_args!(
-            "shutdown hooks finished in {:?}; exiting with code {}",
-            started.elapsed(),
-            plan.exit_code
-        ),
-    );
-    exit_once(plan.exit_code);
+
+    /// Waits up to `limit` for every line sent so far to be written.
+    fn flush(mut self, limit: Duration) {
+        let Some(tx) = self.lines.take() else {
+            return;
+        };
+        drop(tx);
+        let until = Instant::now().checked_add(limit);
+        // One `done` per line written; the channel closes when the writer
+        // has written them all.
+        loop {
+            let left = until.map_or(Duration::ZERO, |u| {
+                u.saturating_duration_since(Instant::now())
+            });
+            match self.done.recv_timeout(left) {
+                Ok(()) => continue,
+                Err(_) => return,
+            }
+        }
+    }
 }
 
 /// Logs a change of the soft level and runs the callbacks, each isolated.
@@ -776,31 +877,83 @@ fn pressure_changed(shedding: bool, callbacks: &mut [PressureCallback]) {
     }
 }
 
+/// Ends the process at the deadline, whatever the watchdog is doing: `grace`
+/// after the trip if a hook is still running (logged, without blocking),
+/// and [`EXIT_MARGIN`] later if the hooks finished but `exit` has not
+/// returned. Both end with `_exit`: no atexit handler or destructor that
+/// might hang runs on the way.
 fn grace_thread(plan: Plan) {
     let mut seq = SEQUENCE.lock();
-    let deadline = loop {
-        if let Some(d) = seq.deadline {
+    let started = loop {
+        if let Some(d) = seq.tripped {
             break d;
         }
         SEQUENCE_CHANGED.wait(&mut seq);
     };
+    // Clamped to a day at start, so neither can overflow; checked anyway.
+    let hooks_end = started.checked_add(plan.grace);
+    let exit_end = hooks_end.and_then(|d| d.checked_add(EXIT_MARGIN));
     while seq.phase != Phase::Done {
-        if SEQUENCE_CHANGED.wait_until(&mut seq, deadline).timed_out() && seq.phase != Phase::Done {
+        let Some(end) = hooks_end else {
+            SEQUENCE_CHANGED.wait(&mut seq);
+            continue;
+        };
+        if SEQUENCE_CHANGED.wait_until(&mut seq, end).timed_out() && seq.phase != Phase::Done {
             let hook = seq
                 .current_hook
                 .clone()
                 .unwrap_or_else(|| "(none)".to_owned());
             drop(seq);
-            emit(
-                Level::Error,
-                format_args!(
-                    "shutdown hook {:?} still running at the {:?} grace deadline; exiting with code {} anyway",
-                    hook, plan.grace, plan.exit_code
-                ),
-            );
-            exit_once(plan.exit_code);
+            write_now(&format!(
+                "[memwatch ERROR] shutdown hook {:?} still running at the {:?} grace deadline; \
+                 exiting with code {} anyway\n",
+                hook, plan.grace, plan.exit_code
+            ));
+            exit_now(plan.exit_code);
         }
     }
+    drop(seq);
+    // The hooks are done and the watchdog is in `exit`; if that hangs, end
+    // the process anyway.
+    if let Some(end) = exit_end {
+        while let Some(left) = end.checked_duration_since(Instant::now()) {
+            if left.is_zero() {
+                break;
+            }
+            thread::sleep(left);
+        }
+        write_now(&format!(
+            "[memwatch ERROR] exit did not finish within {EXIT_MARGIN:?} of the hooks' \
+             deadline; ending the process with code {}\n",
+            plan.exit_code
+        ));
+        exit_now(plan.exit_code);
+    }
+}
+
+/// Writes `line` to standard error only if that cannot block: a pipe that
+/// nobody reads is skipped.
+fn write_now(line: &str) {
+    let mut fd = libc::pollfd {
+        fd: libc::STDERR_FILENO,
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: one valid `pollfd`, a zero timeout.
+    let ready = unsafe { libc::poll(&mut fd, 1, 0) } == 1 && fd.revents & libc::POLLOUT != 0;
+    if ready {
+        let bytes = &line.as_bytes()[..line.len().min(libc::PIPE_BUF)];
+        // SAFETY: writes `bytes.len()` bytes from a live buffer. A writable
+        // pipe has room for a write of at most `PIPE_BUF` bytes.
+        unsafe { libc::write(libc::STDERR_FILENO, bytes.as_ptr().cast(), bytes.len()) };
+    }
+}
+
+/// Ends the process with `code` at once: no atexit handlers, no
+/// destructors, no flush.
+fn exit_now(code: i32) -> ! {
+    // SAFETY: `_exit` ends the process; it is always safe to call.
+    unsafe { libc::_exit(code) }
 }
 
 /// Ends the process with `code`, once: of two threads racing here (the

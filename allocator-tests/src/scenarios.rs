@@ -593,3 +593,44 @@ pub fn overshoot(threads: usize, step: usize) {
     println!("no trip");
     std::hint::black_box(&workers);
 }
+
+/// Standard error stops being read: after the watchdog starts, a thread
+/// writes to standard error until the pipe is full and its write blocks
+/// (the test never reads the pipe); then the heap grows past the threshold.
+/// The trip must still run the hooks and end the process with the exit
+/// code within the grace period, though every log line would block.
+pub fn stderr_blocked() {
+    init_logging();
+    let watchdog = memwatch::Watchdog::from_env()
+        .on_shutdown("mark", || trace("hook ran"))
+        .start();
+    thread::spawn(|| {
+        let line = [b'x'; 1023];
+        loop {
+            let _ = std::io::Write::write_all(&mut std::io::stderr(), &line);
+            let _ = std::io::Write::write_all(&mut std::io::stderr(), b"\n");
+        }
+    });
+    thread::sleep(Duration::from_millis(300));
+    let held = grow_until_tripped(1024, Duration::ZERO);
+    watchdog.exit_if_tripped();
+    println!("finished without a trip, holding {} MiB", held.len());
+}
+
+/// An `atexit` handler (as a C library or a C++ static destructor might
+/// have) hangs: the exit that follows the hooks never returns. The process
+/// must still end with the exit code by the deadline.
+pub fn atexit_hangs() {
+    extern "C" fn hang() {
+        thread::sleep(Duration::from_secs(3600));
+    }
+    init_logging();
+    // SAFETY: registers a plain `extern "C" fn()` that lives for the program.
+    unsafe { libc::atexit(hang) };
+    let watchdog = memwatch::Watchdog::from_env()
+        .on_shutdown("mark", || trace("hook ran"))
+        .start();
+    let held = grow_until_tripped(1024, Duration::ZERO);
+    watchdog.exit_if_tripped();
+    println!("finished without a trip, holding {} MiB", held.len());
+}

@@ -412,3 +412,98 @@ fn huge_durations_are_clamped_with_a_warning_and_still_exit_2() {
     let on = r.stderr_lines("memory watchdog on");
     assert!(on[0].contains("grace 86400s"), "{r:#?}");
 }
+
+/// Standard error is a pipe that nobody reads and that is full when the
+/// latch trips: every log line would block. The hook still runs and the
+/// process exits 2 within the grace period plus a second.
+#[test]
+fn a_full_stderr_pipe_holds_up_neither_the_hooks_nor_the_exit() {
+    use std::process::{Command, Stdio};
+    use std::time::Instant;
+    let dir = common::scratch("stderr-blocked");
+    let trace = dir.join("trace");
+    let mut child = Command::new(common::bin_path("stderr_blocked"))
+        .env(THRESHOLD, "64")
+        .env(GRACE, "2s")
+        .env("SCENARIO_TRACE", &trace)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Hold the read end open, unread, until the child is gone.
+    let _unread = child.stderr.take();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            panic!("still running after 20 s with standard error blocked");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let took = started.elapsed();
+    assert_eq!(status.code(), Some(2), "{status:?}");
+    // 0.3 s before the heap grows, the 2 s grace, a second for the rest.
+    assert!(took < Duration::from_millis(3300), "took {took:?}");
+    let hooks = std::fs::read_to_string(&trace).unwrap_or_default();
+    assert_eq!(hooks.trim(), "hook ran", "the hook ran");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A grace of 0s skips the hooks: the trip line, then the exit code.
+#[test]
+fn a_grace_of_0s_skips_the_hooks_and_exits_2() {
+    for _ in 0..4 {
+        let r = run(
+            "crosses_threshold",
+            &[(THRESHOLD, "64"), (GRACE, "0s")],
+            LIMIT,
+        );
+        assert_eq!(r.code(), Some(2), "{r:#?}");
+        assert!(r.trace.is_empty(), "no hook ran: {r:#?}");
+        let line = r.stderr_lines("memory threshold crossed");
+        assert_eq!(line.len(), 1, "{r:#?}");
+        assert!(
+            line[0].contains("a grace of 0s skips the shutdown hooks"),
+            "{r:#?}"
+        );
+    }
+}
+
+/// The hooks finish but `exit` hangs in an `atexit` handler: the process
+/// still ends with code 2, half a second past the grace deadline.
+#[test]
+fn a_hanging_atexit_handler_does_not_keep_the_process_alive() {
+    let r = run("atexit_hangs", &[(THRESHOLD, "64"), (GRACE, "1s")], LIMIT);
+    assert_eq!(r.code(), Some(2), "{r:#?}");
+    assert_eq!(r.trace, ["hook ran"], "{r:#?}");
+    assert!(r.elapsed < Duration::from_millis(2500), "{r:#?}");
+    assert_eq!(r.stderr_lines("exit did not finish").len(), 1, "{r:#?}");
+}
+
+/// A shed ratio at or above the threshold ratio is named as the user set
+/// it: the ratio variable and its fraction, not a MiB variable they never
+/// set.
+#[test]
+fn a_shed_ratio_above_the_threshold_names_the_ratio_variable() {
+    let env = [(RATIO, "0.5"), (SHED_RATIO, "0.9")];
+    let r = run("runs_to_end", &env, LIMIT);
+    assert_eq!(r.code(), Some(0), "{r:#?}");
+    let line = r.one_warning(&[SHED_RATIO, "\"0.9\"", "must sit below", "shed level is off"]);
+    assert!(!line.contains(SHED), "{line}");
+}
+
+/// A 10,000-character bad value is echoed as its first 64 characters and
+/// its length: one short line.
+#[test]
+fn a_long_bad_value_is_cut_in_the_warning() {
+    let long = "x".repeat(10_000);
+    let r = run("runs_to_end", &[(THRESHOLD, &long)], LIMIT);
+    assert_eq!(r.code(), Some(0), "{r:#?}");
+    let line = r.one_warning(&[THRESHOLD, &"x".repeat(64), "(10000 bytes)", "off"]);
+    assert!(line.len() < 300, "{line}");
+}
