@@ -24,13 +24,13 @@ pub type DefaultInner = std::alloc::System;
 /// has one global allocator, and the count is the process's.
 ///
 /// Over [`Jemalloc`](crate::Jemalloc) on Linux, the count is jemalloc's own
-/// per-thread counters, in usable sizes: every call spends its size from a
-/// thread-local countdown, and every 64 KiB of a thread's allocation and
-/// free the wrapper reads the thread's counters, publishes them for
-/// readings and folds them into the shared total (where the threshold is
-/// checked) once more than the slack is unfolded. Over any other inner
-/// allocator, memwatch counts requested sizes itself, in per-thread batches
-/// of `slack` bytes. Either way every thread is counted from its first
+/// per-thread counters, in usable sizes: every call moves a thread-local
+/// level by its weight, and once the thread's net has moved by 48 KiB the
+/// wrapper reads the thread's counters, publishes them for readings and
+/// folds them into the shared total (where the threshold is checked) once
+/// more than the thread's share of the error budget is unfolded. Over any
+/// other inner allocator, memwatch counts requested sizes itself, in
+/// per-thread batches of that share. Either way every thread is counted from its first
 /// call, whatever started it.
 ///
 /// ```
@@ -61,8 +61,8 @@ impl<A> MemWatch<A> {
     /// more than two threads; the slack caps it. `0` folds every call:
     /// exact, and as slow as one shared atomic.
     ///
-    /// Over jemalloc, the counters are jemalloc's, looked at every 64 KiB
-    /// of a thread's allocation and free (every `slack` bytes, for a smaller
+    /// Over jemalloc, the counters are jemalloc's, looked at once the
+    /// thread's net has moved by 48 KiB (by `slack` bytes, for a smaller
     /// slack) and folded once more than the thread's share is unfolded.
     ///
     /// # Panics
@@ -92,7 +92,7 @@ impl<A> MemWatch<A> {
 // Each method's fast path does its bookkeeping first and hands the call to
 // the inner allocator as its last act: compiled into `__rust_alloc` and
 // friends, that last act is a jump, not a call, with no stack frame and no
-// register saved across it. Over jemalloc the bookkeeping is a countdown
+// register saved across it. Over jemalloc the bookkeeping is a level
 // (`count::jemalloc`); otherwise memwatch's own count (`count::own`). A call
 // that misses the fast path goes to a cold path, never inlined, that takes
 // the caller's arguments in the caller's order with `this` last, so that the
@@ -130,7 +130,7 @@ unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for MemWatch<A> {
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         #[cfg(memwatch_jemalloc_counts)]
         if self.jemalloc_counts() {
-            return if je::spend(layout.size()) {
+            return if je::take(layout) {
                 // SAFETY: the caller guarantees `ptr` came from this
                 // allocator (hence from `inner`, since every method
                 // forwards) with `layout`.
@@ -151,16 +151,15 @@ unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for MemWatch<A> {
 
     #[inline]
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // Over jemalloc a reallocation always looks at the counters right
+        // after the call: a block that grows by one byte can move to the
+        // next size class, a quarter larger, so no weight of the change
+        // bounds what it does to the usable sizes.
         #[cfg(memwatch_jemalloc_counts)]
         if self.jemalloc_counts() {
-            return if je::spend(new_size.abs_diff(layout.size())) {
-                // SAFETY: the caller upholds `realloc`'s contract; `ptr`
-                // came from `inner` as in `dealloc`.
-                unsafe { self.inner.realloc(ptr, layout, new_size) }
-            } else {
-                // SAFETY: as above.
-                unsafe { Self::realloc_looking(ptr, layout, new_size, self) }
-            };
+            // SAFETY: the caller upholds `realloc`'s contract; `ptr` came
+            // from `inner` as in `dealloc`.
+            return unsafe { Self::realloc_looking(ptr, layout, new_size, self) };
         }
         let delta = new_size as isize - layout.size() as isize;
         if own::try_record(delta) {
@@ -185,7 +184,7 @@ impl<A: GlobalAlloc + 'static> MemWatch<A> {
     unsafe fn alloc_either(&self, layout: Layout, zeroed: bool) -> *mut u8 {
         #[cfg(memwatch_jemalloc_counts)]
         if self.jemalloc_counts() {
-            return if je::spend(layout.size()) {
+            return if je::add(layout, self.slack) {
                 // SAFETY: the caller upholds the contract for `layout`.
                 unsafe { self.inner_alloc(layout, zeroed) }
             } else {
@@ -271,11 +270,12 @@ impl<A: GlobalAlloc + 'static> MemWatch<A> {
     }
 }
 
-// Over jemalloc, off the fast path: the thread's countdown ran out (or it
-// never started). `je::before` publishes the thread's counters and restarts
-// the countdown; a call it covers then jumps into jemalloc, a larger one
-// publishes again right after, and a thread without a slot counts the
-// block's usable size itself.
+// Over jemalloc, off the fast path: the call would take the thread's level
+// out of its window (or the thread has none yet). `je::before` publishes
+// the thread's counters and re-centres the level; a call it covers then
+// jumps into jemalloc, a larger one (and every reallocation) publishes
+// right after, and a thread without a slot counts the block's usable size
+// itself.
 #[cfg(memwatch_jemalloc_counts)]
 impl<A: GlobalAlloc + 'static> MemWatch<A> {
     /// Whether jemalloc's own counters count this allocator's calls: `A` is
@@ -291,7 +291,7 @@ impl<A: GlobalAlloc + 'static> MemWatch<A> {
     #[cold]
     #[inline(never)]
     unsafe fn alloc_looking(layout: Layout, zeroed: bool, this: &Self) -> *mut u8 {
-        let after = je::before(layout.size(), this.slack);
+        let after = je::before(je::delta(layout, false), this.slack);
         // SAFETY: the caller upholds the contract for `layout`.
         let ptr = unsafe { this.inner_alloc(layout, zeroed) };
         match after {
@@ -312,7 +312,7 @@ impl<A: GlobalAlloc + 'static> MemWatch<A> {
     #[cold]
     #[inline(never)]
     unsafe fn dealloc_looking(ptr: *mut u8, layout: Layout, this: &Self) {
-        let after = je::before(layout.size(), this.slack);
+        let after = je::before(je::delta(layout, true), this.slack);
         if after == After::CountItself {
             // SAFETY: the caller guarantees `ptr` is a live block of
             // `inner`, which is jemalloc.
@@ -337,7 +337,7 @@ impl<A: GlobalAlloc + 'static> MemWatch<A> {
         new_size: usize,
         this: &Self,
     ) -> *mut u8 {
-        let after = je::before(new_size.abs_diff(layout.size()), this.slack);
+        let after = je::before(isize::MAX, this.slack);
         let old = if after == After::CountItself {
             // SAFETY: the caller guarantees `ptr` is a live block of
             // `inner`, which is jemalloc.

@@ -24,8 +24,8 @@
 //!   batches. There is no polling.
 //! - Over jemalloc on Linux, the counters are jemalloc's own: it adds every
 //!   block's usable size to per-thread counters on its fast path anyway.
-//!   memwatch's fast path only spends the call's size from a thread-local
-//!   countdown; every 64 KiB of a thread's activity the thread reads its
+//!   memwatch's fast path only moves a thread-local level by the call's
+//!   size; once a thread's net has moved by 48 KiB the thread reads its
 //!   counters, publishes them for readings and folds them into the shared
 //!   total once more than its share of the error budget is unfolded. Over
 //!   any other allocator, memwatch adds the requested size to the thread's
@@ -83,7 +83,7 @@
 //! [`live_bytes`] is exact for threads that have ended and for the calling
 //! thread, however many threads came and went. Over memwatch's own count it
 //! is exact for every quiescent thread; over jemalloc, every other live
-//! thread may have up to 64 KiB of allocation and free that it has not
+//! thread may have up to 60 KiB of net allocation or free that it has not
 //! published yet. The threshold has one error budget for the whole process,
 //! the larger of 16 MiB ([`MIN_BUDGET`]) and 2% of the threshold: the trip
 //! comes at most that much plus 64 KiB per thread (over jemalloc) early or
@@ -105,7 +105,7 @@
 //!
 //! After `fork` without `exec`, the child keeps its own thread's count and
 //! folds the other threads' last published figures into the total (over
-//! jemalloc, up to 64 KiB of each one's latest activity is lost); it runs no
+//! jemalloc, up to 60 KiB of each one's latest net activity is lost); it runs no
 //! watchdog unless it starts one.
 //!
 //! # Crate features

@@ -30,8 +30,8 @@ pub struct Snapshot {
 ///
 /// Exact for threads that have ended and for the calling thread's own
 /// calls; over memwatch's own count, exact for every quiescent thread. Over
-/// jemalloc, each other live thread may have up to 64 KiB of allocation and
-/// free that it has not published yet. Costs one load per thread slot (256
+/// jemalloc, each other live thread may have up to 60 KiB of net allocation
+/// or free that it has not published yet. Costs one load per thread slot (256
 /// at least) and no lock: fine for a metrics endpoint, and no thread ever
 /// waits for a reading.
 pub fn live_bytes() -> usize {
@@ -40,7 +40,7 @@ pub fn live_bytes() -> usize {
 
 /// The highest live-bytes figure seen at a fold. Folds happen when a
 /// thread's count has moved by more than the slack since its last fold
-/// (over jemalloc, checked every 64 KiB of its activity), so this can read
+/// (over jemalloc, looked at once its net has moved by 48 KiB), so this can read
 /// low by up to that much per thread.
 pub fn peak_bytes() -> usize {
     clamp(latch::peak())

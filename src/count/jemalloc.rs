@@ -4,22 +4,26 @@
 //! `thread.deallocated` in its `mallctl` names, maintained by every
 //! jemalloc 5.3 build). memwatch only looks at them now and then:
 //!
-//! - a thread-local countdown of bytes starts at 0, so a thread's first call
-//!   through the allocator, whatever started the thread, goes to the cold
-//!   path, which claims a slot and reads the addresses of the thread's two
-//!   counters;
-//! - every call subtracts its size from the countdown (`sub`, `jb` and the
-//!   jump into jemalloc: the whole fast path); when it runs out, after
-//!   [`WINDOW`] bytes of allocation and free, the cold path reads the two
+//! - a thread-local level holds the thread's net since its last look, in
+//!   weighted bytes (a block weighs its size, its alignment and 15; see
+//!   [`weight`]). It starts far outside its window, so a thread's first
+//!   call through the allocator, whatever started the thread, goes to the
+//!   cold path, which claims a slot and reads the addresses of the
+//!   thread's two counters;
+//! - every allocation adds its weight and every free subtracts it (a load,
+//!   an add, a compare, a branch and a store, then the jump into jemalloc:
+//!   the whole fast path). A loop of alloc/free pairs never leaves the
+//!   window, whatever the size. A call that would take the net more than
+//!   [`WINDOW`] either way goes to the cold path, which reads the two
 //!   counters, publishes what is not folded yet in the thread's slot, folds
-//!   it into the shared total once it exceeds the slack, and starts the
-//!   countdown again;
+//!   it into the shared total once it exceeds the thread's share of the
+//!   error budget, and re-centres the level; a reallocation always does;
 //! - at the thread's end, what is left is folded and the slot freed.
 //!
 //! Only the owner ever reads its jemalloc counters, so no memory that
 //! another thread writes non-atomically is read; readers sum the slots,
 //! which the owner writes atomically. A running thread's slot lags its
-//! counters by at most `WINDOW` bytes of activity.
+//! counters by at most 1.25 times `WINDOW`: 60 KiB.
 //!
 //! Calls of a thread that has no slot (while it joins, past its end, or
 //! when the kernel refuses the table memory) count the usable size that
@@ -28,6 +32,7 @@
 //! This relies on no experimental jemalloc control, so it works the same on
 //! tikv-jemalloc-sys 0.6 (jemalloc 5.3.0) and 0.7 (5.3.1).
 
+use std::alloc::Layout;
 use std::cell::Cell;
 use std::ptr;
 
@@ -37,11 +42,26 @@ use super::slot::Slot;
 use super::table::Table;
 use super::{arm_exit, fold, fold_size, observe, thread_joined, thread_left, TOTAL};
 
-/// Bytes of a thread's allocation and free between two looks at its
-/// counters: jemalloc's own event interval for its peak tracking
-/// (`PEAK_EVENT_WAIT` in jemalloc 5.3). A loop of 16 B pairs looks once
-/// every 2,048 pairs; a published slot lags by at most this much.
-pub(crate) const WINDOW: usize = 64 << 10;
+/// How far the calling thread's net (weighted, below) may move either way
+/// between two looks at its counters: 48 KiB. Weighted bytes bound usable
+/// bytes to 1.25 times as much (see [`weight`]), so a published slot lags
+/// its thread's counters by at most 60 KiB plus the call in flight, under
+/// the 64 KiB per thread of the error bound.
+pub(crate) const WINDOW: usize = 48 << 10;
+
+/// The most a running thread's published count lags its counters: 1.25
+/// times the window, under 64 KiB.
+#[cfg(test)]
+pub(crate) const UNPUBLISHED: usize = 64 << 10;
+
+/// The most a call may weigh and still go through the fast path: larger
+/// calls look at the counters right after jemalloc returns.
+const LARGEST: usize = WINDOW;
+
+/// The level of a thread that counts nothing (not joined, or past its
+/// exit): so far outside the window that every call misses the fast path,
+/// allocations and frees alike.
+const OUTSIDE: isize = isize::MIN / 2;
 
 /// The slots of threads whose jemalloc counters memwatch reads.
 static TABLE: Table = Table::new();
@@ -54,9 +74,10 @@ const DIRECT: u8 = 3;
 
 thread_local! {
     // `const` initialisers, no `Drop`: plain thread-local words, usable at
-    // any point of a thread's life. `LEFT` is the countdown; 0 sends the
-    // next call to the cold path.
-    static LEFT: Cell<usize> = const { Cell::new(0) };
+    // any point of a thread's life. `LEVEL` is the thread's weighted net
+    // since its last look, biased by the window: `0..=2 * window` is the
+    // fast path; it starts far outside, so a thread's first call joins.
+    static LEVEL: Cell<isize> = const { Cell::new(OUTSIDE) };
     static STATE: Cell<u8> = const { Cell::new(UNREGISTERED) };
     static SLOT: Cell<*const Slot> = const { Cell::new(ptr::null()) };
     static ALLOCATED: Cell<*const u64> = const { Cell::new(ptr::null()) };
@@ -65,40 +86,85 @@ thread_local! {
     static FOLDED: Cell<u64> = const { Cell::new(0) };
 }
 
-/// The fast path: spends `bytes` of the calling thread's countdown and
-/// returns `true`, or returns `false` with nothing spent when the countdown
-/// cannot cover them (the caller goes to its cold path).
+/// A block's weight: its size plus its alignment plus 15. jemalloc's usable
+/// size is at most 1.25 times that for every size class and alignment (8
+/// for 1 byte, 160 for 129, a quarter more at most from 128 bytes up, the
+/// alignment at most for a block smaller than it), so the weighted net
+/// bounds the usable one. An alloc/free pair weighs nothing in all.
 #[inline(always)]
-pub(crate) fn spend(bytes: usize) -> bool {
-    LEFT.with(|left| match left.get().checked_sub(bytes) {
-        Some(rest) => {
-            left.set(rest);
+pub(crate) const fn weight(layout: Layout) -> usize {
+    layout.size().wrapping_add(layout.align()).wrapping_add(15)
+}
+
+/// What an allocation (or with `free`, a free) of `layout` moves the
+/// thread's level by.
+#[inline]
+pub(crate) fn delta(layout: Layout, free: bool) -> isize {
+    let w = weight(layout) as isize;
+    if free {
+        -w
+    } else {
+        w
+    }
+}
+
+/// The fast path of an allocation of `layout`: adds its weight to the
+/// thread's level and returns `true` if the level stays within the window;
+/// otherwise changes nothing and returns `false` (the caller goes to its
+/// cold path).
+#[inline(always)]
+pub(crate) fn add(layout: Layout, slack: usize) -> bool {
+    LEVEL.with(|l| {
+        let level = l.get().wrapping_add(weight(layout) as isize);
+        // `0 <= level <= 2 * window` as one unsigned compare.
+        if level as usize <= 2 * window(slack) {
+            l.set(level);
             true
+        } else {
+            false
         }
-        None => false,
     })
 }
 
-/// The countdown's length for `slack`: [`WINDOW`], or the slack if smaller
-/// (a slack of 0 looks after every call).
-#[inline]
-fn window(slack: usize) -> usize {
-    slack.min(WINDOW)
+/// The fast path of a free of `layout`: only the window's lower end can be
+/// crossed, and `level < 0` is the sign of the subtraction itself.
+#[inline(always)]
+pub(crate) fn take(layout: Layout) -> bool {
+    LEVEL.with(|l| {
+        let level = l.get().wrapping_sub(weight(layout) as isize);
+        if level >= 0 {
+            l.set(level);
+            true
+        } else {
+            false
+        }
+    })
 }
 
-/// Off the fast path, before the call: makes sure the calling thread has a
-/// slot, publishes its count if it has, and restarts the countdown so that
-/// it covers `bytes` for the call about to be made. Returns what the call
-/// must do afterwards.
+/// The window for `slack`: [`WINDOW`], or the slack if smaller (a slack of
+/// 0 looks after every call).
+#[inline(always)]
+const fn window(slack: usize) -> usize {
+    if slack < WINDOW {
+        slack
+    } else {
+        WINDOW
+    }
+}
+
+/// Off the fast path, before a call that moves the thread's net by `delta`
+/// weighted bytes: makes sure the thread has a slot, and if the call is
+/// small, publishes its counters now and re-centres its level with the call
+/// counted in it. Returns what the call must do afterwards.
 #[inline]
-pub(crate) fn before(bytes: usize, slack: usize) -> After {
+pub(crate) fn before(delta: isize, slack: usize) -> After {
     if !joined(slack) {
         return After::CountItself;
     }
     let window = window(slack);
-    if bytes <= window {
+    if delta.unsigned_abs() <= window.min(LARGEST) {
         look(fold_size(slack));
-        LEFT.with(|l| l.set(window - bytes));
+        LEVEL.with(|l| l.set(window as isize + delta));
         After::Nothing
     } else {
         After::Look
@@ -108,20 +174,20 @@ pub(crate) fn before(bytes: usize, slack: usize) -> After {
 /// What a cold call does after the inner allocator returns.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum After {
-    /// The countdown covers the call: nothing.
+    /// The level covers the call: nothing.
     Nothing,
-    /// A call larger than the countdown: look at the counters right after
-    /// it, so that the total sees it at once ([`after`]).
+    /// A call larger than the window: look at the counters right after it,
+    /// so that the total sees it at once ([`after`]).
     Look,
     /// The thread has no slot: count the call by its usable size.
     CountItself,
 }
 
-/// After a call larger than the countdown: publishes (or folds) at once and
-/// restarts the countdown.
+/// After a call larger than the window: publishes (or folds) at once and
+/// re-centres the level.
 pub(crate) fn after(slack: usize) {
     look(fold_size(slack));
-    LEFT.with(|l| l.set(window(slack)));
+    LEVEL.with(|l| l.set(window(slack) as isize));
 }
 
 /// Whether the calling thread has a slot, joining if it never tried.
@@ -179,6 +245,8 @@ fn net() -> u64 {
 /// Publishes what the thread counted since its last fold, folding it into
 /// the total once it exceeds `fold` bytes either way.
 fn look(fold: usize) {
+    #[cfg(test)]
+    LOOKS.with(|l| l.set(l.get() + 1));
     let net = net();
     let pending = net.wrapping_sub(FOLDED.with(Cell::get)) as isize;
     // SAFETY: an `ACTIVE` thread's slot, claimed by it and held until it
@@ -210,7 +278,7 @@ pub(crate) fn leave() {
     }
     look(0);
     STATE.with(|s| s.set(DIRECT));
-    LEFT.with(|l| l.set(0));
+    LEVEL.with(|l| l.set(OUTSIDE));
     let slot = SLOT.with(|s| s.replace(ptr::null()));
     // SAFETY: as in `look`.
     TABLE.release(unsafe { &*slot });
@@ -229,7 +297,7 @@ pub(crate) fn add_pending(sum: &mut isize, ahead: &mut isize) {
 
 /// In a forked child: folds and frees every slot but the calling thread's;
 /// returns how many it freed. What the other threads did since they last
-/// published is lost: at most [`WINDOW`] bytes of activity each.
+/// published is lost: at most 60 KiB each.
 pub(crate) fn forget_other_threads() -> usize {
     let mine = SLOT.with(Cell::get);
     let mut freed = 0;
@@ -281,6 +349,18 @@ unsafe fn read<T: Copy>(name: &std::ffi::CStr) -> Option<T> {
     };
     // SAFETY: on success jemalloc wrote a `T`.
     (rc == 0 && len == std::mem::size_of::<T>()).then(|| unsafe { value.assume_init() })
+}
+
+#[cfg(test)]
+thread_local! {
+    /// How many times the calling thread looked at its counters.
+    static LOOKS: Cell<usize> = const { Cell::new(0) };
+}
+
+/// How many times the calling thread looked at its counters.
+#[cfg(test)]
+pub(crate) fn looks() -> usize {
+    LOOKS.with(Cell::get)
 }
 
 /// How many threads hold a slot now.

@@ -6,7 +6,7 @@
 //! - [`table`]: the slots of all threads, in memory never freed.
 //! - [`own`]: memwatch's own count of requested sizes, over any allocator.
 //! - [`jemalloc`]: over jemalloc on Linux, jemalloc's own per-thread
-//!   counters, looked at every 64 KiB of a thread's activity.
+//!   counters, looked at once a thread's net has moved by 48 KiB.
 //!
 //! A thread joins on its first call through the allocator, whatever started
 //! it, and leaves from a `pthread` key destructor, which the C library runs
@@ -74,15 +74,30 @@ mod process {
         observe(slot::add_to(&TOTAL, delta));
     }
 
+    /// A thread's share of the budget: half the budget split among the
+    /// threads, kept up to date by [`reshare`] so that a look reads one word.
+    static SHARE: AtomicUsize = AtomicUsize::new(MIN_BUDGET / 2);
+
     /// How far a thread's pending delta may go either way before it folds:
-    /// its share of the budget, half the budget split among the threads,
-    /// and never more than `slack`. Relaxed: both words are read-mostly
-    /// figures; a thread that reads a stale one is caught by the exact
-    /// check that every join makes.
+    /// its share of the budget, never more than `slack`. Relaxed: a
+    /// read-mostly figure; a thread that reads a stale one is caught by the
+    /// exact check that every join makes.
     #[inline]
     pub(crate) fn fold_size(slack: usize) -> usize {
-        let threads = THREADS.load(Relaxed).max(1);
-        slack.min(BUDGET.load(Relaxed) / (2 * threads))
+        slack.min(SHARE.load(Relaxed))
+    }
+
+    /// Recomputes [`SHARE`] after the threads or the budget changed. Of two
+    /// racing callers, the one that stores a stale share sees the count move
+    /// and stores again, so the last store is the current share.
+    fn reshare() {
+        loop {
+            let (threads, budget) = (THREADS.load(SeqCst), BUDGET.load(SeqCst));
+            SHARE.store(budget / (2 * threads.max(1)), SeqCst);
+            if THREADS.load(SeqCst) == threads && BUDGET.load(SeqCst) == budget {
+                return;
+            }
+        }
     }
 
     /// Sets the budget for `threshold`: the larger of [`MIN_BUDGET`] and 2%
@@ -90,6 +105,7 @@ mod process {
     pub(crate) fn set_budget(threshold: isize) {
         let budget = (threshold.max(0) as usize / 50).max(MIN_BUDGET);
         BUDGET.store(budget, SeqCst);
+        reshare();
     }
 
     /// The budget in bytes.
@@ -102,6 +118,7 @@ mod process {
     /// [`check_exact`]).
     pub(crate) fn thread_joined() {
         THREADS.fetch_add(1, SeqCst);
+        reshare();
         if latch::armed() {
             check_exact();
         }
@@ -110,6 +127,7 @@ mod process {
     /// A thread gave its slot back.
     pub(crate) fn thread_left() {
         THREADS.fetch_sub(1, SeqCst);
+        reshare();
     }
 
     /// Looks at a fold's new total. The total misses what the slots hold
@@ -156,8 +174,8 @@ mod process {
     /// The exact reading: every taken slot's pending delta, then the total.
     ///
     /// Exact once threads are quiescent for memwatch's own count; over
-    /// jemalloc, each other running thread may have up to 64 KiB of
-    /// activity it has not published yet (the calling thread publishes its
+    /// jemalloc, each other running thread may have up to 60 KiB of net
+    /// allocation or free it has not published yet (the calling thread publishes its
     /// own first).
     pub(crate) fn live_bytes() -> isize {
         #[cfg(memwatch_jemalloc_counts)]
@@ -252,5 +270,6 @@ mod process {
             freed += super::jemalloc::forget_other_threads();
         }
         THREADS.fetch_sub(freed, SeqCst);
+        reshare();
     }
 }
