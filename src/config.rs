@@ -56,13 +56,13 @@ pub const DEFAULT_EXIT_CODE: i32 = 2;
 pub struct ConfigError {
     variable: &'static str,
     value: String,
-    problem: Problem,
+    problem: ConfigErrorKind,
 }
 
 /// What is wrong with a value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
-pub enum Problem {
+pub enum ConfigErrorKind {
     /// Not a whole, non-negative decimal number of MiB.
     NotANumber,
     /// The number of MiB, multiplied to bytes, does not fit in 64 bits.
@@ -81,7 +81,7 @@ pub enum Problem {
 }
 
 impl ConfigError {
-    pub(crate) fn new(variable: &'static str, value: &str, problem: Problem) -> Self {
+    pub(crate) fn new(variable: &'static str, value: &str, problem: ConfigErrorKind) -> Self {
         ConfigError {
             variable,
             value: value.to_owned(),
@@ -105,7 +105,7 @@ impl ConfigError {
     }
 
     /// What is wrong with it.
-    pub fn problem(&self) -> Problem {
+    pub fn kind(&self) -> ConfigErrorKind {
         self.problem
     }
 }
@@ -113,18 +113,18 @@ impl ConfigError {
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let why = match self.problem {
-            Problem::NotANumber => "expected a whole number of MiB, such as 2048".to_owned(),
-            Problem::Overflow => "the number of MiB times 1,048,576 overflows 64 bits".to_owned(),
-            Problem::TooLarge => format!(
+            ConfigErrorKind::NotANumber => "expected a whole number of MiB, such as 2048".to_owned(),
+            ConfigErrorKind::Overflow => "the number of MiB times 1,048,576 overflows 64 bits".to_owned(),
+            ConfigErrorKind::TooLarge => format!(
                 "the threshold in bytes exceeds the largest size this platform can allocate ({} bytes)",
                 isize::MAX
             ),
-            Problem::NotADuration => "expected a duration such as 500ms, 10s or 2m".to_owned(),
-            Problem::NotARatio => "expected a fraction in (0, 1], such as 0.7".to_owned(),
-            Problem::ShedNotBelowShutdown => {
+            ConfigErrorKind::NotADuration => "expected a duration such as 500ms, 10s or 2m".to_owned(),
+            ConfigErrorKind::NotARatio => "expected a fraction in (0, 1], such as 0.7".to_owned(),
+            ConfigErrorKind::ShedNotBelowShutdown => {
                 "the shed level must sit below the shutdown threshold".to_owned()
             }
-            Problem::NoMemoryLimit => {
+            ConfigErrorKind::NoMemoryLimit => {
                 "no memory limit could be read (cgroup or /proc/meminfo)".to_owned()
             }
         };
@@ -160,18 +160,18 @@ pub fn parse_threshold_mb(raw: &str) -> Result<Option<u64>, ConfigError> {
         return Ok(None);
     }
     if !text.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(err(Problem::NotANumber));
+        return Err(err(ConfigErrorKind::NotANumber));
     }
     // All digits: the only way `parse` fails now is a number past u64.
-    let mib: u64 = text.parse().map_err(|_| err(Problem::Overflow))?;
+    let mib: u64 = text.parse().map_err(|_| err(ConfigErrorKind::Overflow))?;
     if mib == 0 {
         return Ok(None);
     }
     let bytes = mib
         .checked_mul(BYTES_PER_MIB)
-        .ok_or_else(|| err(Problem::Overflow))?;
+        .ok_or_else(|| err(ConfigErrorKind::Overflow))?;
     if isize::try_from(bytes).is_err() {
-        return Err(err(Problem::TooLarge));
+        return Err(err(ConfigErrorKind::TooLarge));
     }
     Ok(Some(bytes))
 }
@@ -194,7 +194,7 @@ fn parse_duration(
     raw: &str,
     default: Duration,
 ) -> Result<Duration, ConfigError> {
-    let err = || ConfigError::new(variable, raw, Problem::NotADuration);
+    let err = || ConfigError::new(variable, raw, ConfigErrorKind::NotADuration);
     let text = raw.trim();
     if text.is_empty() {
         return Ok(default);
@@ -217,7 +217,7 @@ fn parse_duration(
 /// Parses a ratio: a plain decimal fraction in (0, 1] (`0.7`, `.9`, `1`).
 /// Empty means unset. `variable` names the variable in the error.
 pub fn parse_ratio(variable: &'static str, raw: &str) -> Result<Option<f64>, ConfigError> {
-    let err = || ConfigError::new(variable, raw, Problem::NotARatio);
+    let err = || ConfigError::new(variable, raw, ConfigErrorKind::NotARatio);
     let text = raw.trim();
     if text.is_empty() {
         return Ok(None);
@@ -266,11 +266,11 @@ fn level(
     ratio_env: &'static str,
     notes: &mut Vec<String>,
 ) -> Result<Option<Level>, ConfigError> {
-    let mib = match read(mib_env, Problem::NotANumber)? {
+    let mib = match read(mib_env, ConfigErrorKind::NotANumber)? {
         Some(raw) => parse_threshold_mb(&raw).map_err(|e| e.renamed(mib_env))?,
         None => None,
     };
-    let ratio = match read(ratio_env, Problem::NotARatio)? {
+    let ratio = match read(ratio_env, ConfigErrorKind::NotARatio)? {
         Some(raw) => parse_ratio(ratio_env, &raw)?,
         None => None,
     };
@@ -293,15 +293,16 @@ fn level(
 pub(crate) fn from_env() -> Result<EnvConfig, ConfigError> {
     let mut notes = Vec::new();
     let threshold = level(THRESHOLD_ENV, THRESHOLD_RATIO_ENV, &mut notes)?;
-    let grace = match read(GRACE_ENV, Problem::NotADuration)? {
+    let grace = match read(GRACE_ENV, ConfigErrorKind::NotADuration)? {
         Some(raw) => parse_grace(&raw)?,
         None => DEFAULT_GRACE,
     };
     let shed = level(SHED_ENV, SHED_RATIO_ENV, &mut notes);
-    let limit_recheck = read(LIMIT_RECHECK_ENV, Problem::NotADuration).and_then(|raw| match raw {
-        Some(raw) => parse_limit_recheck(&raw),
-        None => Ok(DEFAULT_LIMIT_RECHECK),
-    });
+    let limit_recheck =
+        read(LIMIT_RECHECK_ENV, ConfigErrorKind::NotADuration).and_then(|raw| match raw {
+            Some(raw) => parse_limit_recheck(&raw),
+            None => Ok(DEFAULT_LIMIT_RECHECK),
+        });
     Ok(EnvConfig {
         threshold,
         shed,
@@ -311,7 +312,7 @@ pub(crate) fn from_env() -> Result<EnvConfig, ConfigError> {
     })
 }
 
-fn read(variable: &'static str, problem: Problem) -> Result<Option<String>, ConfigError> {
+fn read(variable: &'static str, problem: ConfigErrorKind) -> Result<Option<String>, ConfigError> {
     match std::env::var(variable) {
         Ok(value) => Ok(Some(value)),
         Err(std::env::VarError::NotPresent) => Ok(None),
@@ -329,7 +330,7 @@ mod tests {
     fn threshold_table() {
         let max_mib_in_u64 = u64::MAX / BYTES_PER_MIB; // 17592186044415
         let max_mib_in_isize = isize::MAX as u64 / BYTES_PER_MIB;
-        let cases: Vec<(String, Result<Option<u64>, Problem>)> = vec![
+        let cases: Vec<(String, Result<Option<u64>, ConfigErrorKind>)> = vec![
             ("".into(), Ok(None)),
             ("   ".into(), Ok(None)),
             ("0".into(), Ok(None)),
@@ -338,15 +339,21 @@ mod tests {
             (" 64\n".into(), Ok(Some(64 << 20))),
             ("\t2048 ".into(), Ok(Some(2048 << 20))),
             ("1".into(), Ok(Some(1 << 20))),
-            ("abc".into(), Err(Problem::NotANumber)),
-            ("-5".into(), Err(Problem::NotANumber)),
-            ("+5".into(), Err(Problem::NotANumber)),
-            ("1.5".into(), Err(Problem::NotANumber)),
-            ("0x40".into(), Err(Problem::NotANumber)),
-            ("64MB".into(), Err(Problem::NotANumber)),
-            ("6 4".into(), Err(Problem::NotANumber)),
-            ("18446744073709551616".into(), Err(Problem::Overflow)),
-            ((max_mib_in_u64 + 1).to_string(), Err(Problem::Overflow)),
+            ("abc".into(), Err(ConfigErrorKind::NotANumber)),
+            ("-5".into(), Err(ConfigErrorKind::NotANumber)),
+            ("+5".into(), Err(ConfigErrorKind::NotANumber)),
+            ("1.5".into(), Err(ConfigErrorKind::NotANumber)),
+            ("0x40".into(), Err(ConfigErrorKind::NotANumber)),
+            ("64MB".into(), Err(ConfigErrorKind::NotANumber)),
+            ("6 4".into(), Err(ConfigErrorKind::NotANumber)),
+            (
+                "18446744073709551616".into(),
+                Err(ConfigErrorKind::Overflow),
+            ),
+            (
+                (max_mib_in_u64 + 1).to_string(),
+                Err(ConfigErrorKind::Overflow),
+            ),
             (
                 max_mib_in_isize.to_string(),
                 Ok(Some(max_mib_in_isize << 20)),
@@ -356,10 +363,10 @@ mod tests {
             // Fits in u64 bytes, but not in isize: past what this platform
             // can allocate.
             let e = parse_threshold_mb(&max_mib_in_u64.to_string()).unwrap_err();
-            assert_eq!(e.problem(), Problem::TooLarge);
+            assert_eq!(e.kind(), ConfigErrorKind::TooLarge);
         }
         for (raw, want) in cases {
-            let got = parse_threshold_mb(&raw).map_err(|e| e.problem());
+            let got = parse_threshold_mb(&raw).map_err(|e| e.kind());
             assert_eq!(got, want, "input {raw:?}");
         }
     }
@@ -389,7 +396,7 @@ mod tests {
         ] {
             let e = parse_grace(raw).unwrap_err();
             assert_eq!(e.variable(), GRACE_ENV);
-            assert_eq!(e.problem(), Problem::NotADuration, "input {raw:?}");
+            assert_eq!(e.kind(), ConfigErrorKind::NotADuration, "input {raw:?}");
         }
     }
 
@@ -406,7 +413,7 @@ mod tests {
         for raw in ["10", "off", "1.5s", "-1s"] {
             let e = parse_limit_recheck(raw).unwrap_err();
             assert_eq!(e.variable(), LIMIT_RECHECK_ENV, "input {raw:?}");
-            assert_eq!(e.problem(), Problem::NotADuration, "input {raw:?}");
+            assert_eq!(e.kind(), ConfigErrorKind::NotADuration, "input {raw:?}");
         }
     }
 
@@ -430,7 +437,7 @@ mod tests {
             "0", "0.0", "1.5", "-0.5", "abc", "1e-1", "inf", "nan", ".", "0.5.1", "70%",
         ] {
             let e = parse_ratio(SHED_RATIO_ENV, raw).unwrap_err();
-            assert_eq!(e.problem(), Problem::NotARatio, "{raw:?}");
+            assert_eq!(e.kind(), ConfigErrorKind::NotARatio, "{raw:?}");
             assert_eq!(e.variable(), SHED_RATIO_ENV);
         }
     }

@@ -162,8 +162,8 @@ mod tests;
 pub use crate::alloc::{DefaultInner, MemWatch};
 #[cfg(not(loom))]
 pub use crate::config::{
-    parse_grace, parse_limit_recheck, parse_ratio, parse_threshold_mb, ConfigError, Problem,
-    BYTES_PER_MIB, DEFAULT_EXIT_CODE, DEFAULT_GRACE, DEFAULT_LIMIT_RECHECK,
+    parse_grace, parse_limit_recheck, parse_ratio, parse_threshold_mb, ConfigError,
+    ConfigErrorKind, BYTES_PER_MIB, DEFAULT_EXIT_CODE, DEFAULT_GRACE, DEFAULT_LIMIT_RECHECK,
     DEFAULT_SHED_HYSTERESIS_PERCENT, GRACE_ENV, LIMIT_RECHECK_ENV, SHED_ENV, SHED_RATIO_ENV,
     THRESHOLD_ENV, THRESHOLD_RATIO_ENV,
 };
@@ -173,7 +173,7 @@ pub use crate::count::{DEFAULT_SLACK, MAX_SLACK, MIN_BUDGET};
 pub use crate::limits::{memory_limit, memory_limit_at, LimitSource, MemoryLimit};
 #[cfg(not(loom))]
 pub use crate::stats::{
-    jemalloc_stats, live_bytes, peak_bytes, pressure, snapshot, threshold_bytes, tripped,
+    armed_threshold_bytes, jemalloc_stats, live_bytes, peak_bytes, pressure, snapshot, tripped,
     wraps_jemalloc, JemallocStats, Snapshot,
 };
 #[cfg(not(loom))]

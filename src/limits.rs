@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 /// Where the effective limit came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum LimitSource {
     /// A cgroup v2 `memory.max`, in the named cgroup directory.
     CgroupV2(PathBuf),
@@ -30,6 +31,7 @@ impl fmt::Display for LimitSource {
 
 /// The effective memory limit in bytes and where it came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct MemoryLimit {
     /// Bytes.
     pub bytes: u64,

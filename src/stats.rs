@@ -7,6 +7,7 @@ use crate::{count, latch};
 
 /// A point-in-time reading of memwatch's figures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Snapshot {
     /// Live heap bytes allocated and not yet freed (see [`live_bytes`]).
     pub live_bytes: usize,
@@ -21,6 +22,13 @@ pub struct Snapshot {
     pub shedding: bool,
     /// The soft level in bytes, if one is set.
     pub shed_bytes: Option<usize>,
+    /// Threads that hold a slot in memwatch's table now (every thread that
+    /// has called the allocator and not ended).
+    pub threads: usize,
+    /// The process's error budget in bytes: how far the threshold check may
+    /// be off, plus 60 KiB per thread over jemalloc (see
+    /// [`MIN_BUDGET`](crate::MIN_BUDGET)).
+    pub error_budget_bytes: usize,
 }
 
 /// Live heap bytes through the memwatch allocator: allocated and not yet
@@ -47,7 +55,7 @@ pub fn peak_bytes() -> usize {
 }
 
 /// The threshold in bytes, if a watchdog armed one.
-pub fn threshold_bytes() -> Option<usize> {
+pub fn armed_threshold_bytes() -> Option<usize> {
     latch::threshold().map(clamp)
 }
 
@@ -68,10 +76,12 @@ pub fn snapshot() -> Snapshot {
     Snapshot {
         live_bytes: live_bytes(),
         peak_bytes: peak_bytes(),
-        threshold_bytes: threshold_bytes(),
+        threshold_bytes: armed_threshold_bytes(),
         tripped_at_bytes: latch::tripped_at().map(clamp),
         shedding: latch::pressure(),
         shed_bytes: latch::shed_levels().map(|(enter, _)| clamp(enter)),
+        threads: count::threads(),
+        error_budget_bytes: count::budget(),
     }
 }
 
@@ -81,6 +91,7 @@ fn clamp(n: isize) -> usize {
 
 /// jemalloc's own figures, in bytes (see jemalloc's `stats.*` mallctl names).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct JemallocStats {
     /// `stats.allocated`: bytes in live allocations, rounded up to size classes.
     pub allocated: usize,

@@ -17,7 +17,7 @@ use log::Level;
 use parking_lot::{Condvar, Mutex};
 
 use crate::config::{
-    self, ConfigError, Level as Configured, Problem, DEFAULT_EXIT_CODE, DEFAULT_GRACE,
+    self, ConfigError, ConfigErrorKind, Level as Configured, DEFAULT_EXIT_CODE, DEFAULT_GRACE,
     DEFAULT_LIMIT_RECHECK, DEFAULT_SHED_HYSTERESIS_PERCENT,
 };
 use crate::{count, latch, limits, stats};
@@ -33,6 +33,7 @@ type PressureCallback = Box<dyn FnMut(PressureEvent) + Send + 'static>;
 
 /// A change of the soft level, as the pressure callbacks see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct PressureEvent {
     /// `true`: usage rose above the soft level, shed load. `false`: it fell
     /// below the leave level, accept load again.
@@ -185,7 +186,7 @@ impl Watchdog {
             _ => Err(ConfigError::in_code(
                 "Watchdog::threshold_bytes",
                 bytes,
-                Problem::TooLarge,
+                ConfigErrorKind::TooLarge,
             )),
         };
         self
@@ -366,6 +367,17 @@ impl Watchdog {
                 ),
             );
         }
+        #[cfg(memwatch_jemalloc_counts)]
+        if count::jemalloc::counters_missing() {
+            emit(
+                Level::Warn,
+                format_args!(
+                    "jemalloc's per-thread counters (the mallctl names thread.allocatedp and \
+                     thread.deallocatedp) could not be read; memwatch counts every call itself \
+                     into one shared total: exact, but slower"
+                ),
+            );
+        }
         let shed_text = describe_shed(shed);
         emit(
             Level::Info,
@@ -414,7 +426,7 @@ fn at_most_a_day(period: Duration, what: &str, variable: &str) -> Duration {
 }
 
 impl ConfigError {
-    fn in_code(what: &'static str, value: u64, problem: Problem) -> Self {
+    fn in_code(what: &'static str, value: u64, problem: ConfigErrorKind) -> Self {
         ConfigError::new(what, &value.to_string(), problem)
     }
 }
@@ -436,7 +448,7 @@ fn resolve(
                 return Err(ConfigError::new(
                     variable,
                     &r.to_string(),
-                    Problem::NoMemoryLimit,
+                    ConfigErrorKind::NoMemoryLimit,
                 ));
             };
             let bytes = (l.bytes as f64 * r) as u64;
@@ -459,13 +471,15 @@ fn shed_band(
         // Named as the user set it: the MiB variable and its MiB, or the
         // ratio variable and its fraction.
         Some(bytes) if bytes as isize >= threshold => Err(match configured {
-            Some(Configured::Ratio(r, variable)) => {
-                ConfigError::new(variable, &r.to_string(), Problem::ShedNotBelowShutdown)
-            }
+            Some(Configured::Ratio(r, variable)) => ConfigError::new(
+                variable,
+                &r.to_string(),
+                ConfigErrorKind::ShedNotBelowShutdown,
+            ),
             _ => ConfigError::in_code(
                 config::SHED_ENV,
                 bytes / config::BYTES_PER_MIB,
-                Problem::ShedNotBelowShutdown,
+                ConfigErrorKind::ShedNotBelowShutdown,
             ),
         }),
         Some(bytes) => {

@@ -429,6 +429,12 @@ pub fn fork_children() {
 /// (their leaks, and whatever std frees of the parent's, such as the entry
 /// of a parent thread whose stack a new thread reuses).
 fn fork_child_checks() -> bool {
+    // The fork handler left the child's table with its one thread.
+    let threads = memwatch::snapshot().threads;
+    if threads != 1 {
+        eprintln!("child: {threads} threads listed, not 1");
+        return false;
+    }
     let tally = crate::audit::tally();
     let start = memwatch::live_bytes();
     if start < 40 << 20 {
@@ -446,6 +452,11 @@ fn fork_child_checks() -> bool {
     }
     let moved = memwatch::live_bytes() as isize - start as isize;
     let expect = crate::audit::tally() - tally;
+    let threads = memwatch::snapshot().threads;
+    if threads != 1 {
+        eprintln!("child: {threads} threads listed after the joins, not 1");
+        return false;
+    }
     if moved != expect || expect < leaked as isize {
         eprintln!("child: reading moved by {moved}, the tally by {expect}, {leaked} B leaked");
         return false;
@@ -562,7 +573,10 @@ pub fn overshoot(threads: usize, step: usize) {
                 thread::sleep(Duration::from_millis(1));
             }
             println!("heap at trip: {}", AT_TRIP.load(Ordering::SeqCst));
-            println!("threshold: {}", memwatch::threshold_bytes().unwrap_or(0));
+            println!(
+                "threshold: {}",
+                memwatch::armed_threshold_bytes().unwrap_or(0)
+            );
             println!(
                 "tripped at: {}",
                 memwatch::snapshot().tripped_at_bytes.unwrap_or(0)
@@ -633,4 +647,164 @@ pub fn atexit_hangs() {
     let held = grow_until_tripped(1024, Duration::ZERO);
     watchdog.exit_if_tripped();
     println!("finished without a trip, holding {} MiB", held.len());
+}
+
+/// What a foreign thread is handed: a block the main thread allocated, for
+/// it to free.
+static HANDED: std::sync::atomic::AtomicPtr<u8> =
+    std::sync::atomic::AtomicPtr::new(std::ptr::null_mut());
+const HANDED_SIZE: usize = 4 << 20;
+/// How much a foreign thread leaks each round.
+const LEAK: usize = 300 << 10;
+
+/// A foreign thread's work, as any thread would do it through Rust's global
+/// allocator: churn of small blocks, a leak of 300 KiB in 1 KiB blocks,
+/// and the free of the 4 MiB block the main thread handed over.
+extern "C" fn foreign_work() {
+    let churn: Vec<Vec<u8>> = (0..500).map(|i| vec![1u8; 16 + i * 7]).collect();
+    drop(churn);
+    for _ in 0..LEAK / 1024 {
+        std::mem::forget(vec![2u8; 1024]);
+    }
+    let handed = HANDED.swap(std::ptr::null_mut(), Ordering::SeqCst);
+    if !handed.is_null() {
+        // SAFETY: the main thread allocated it with this layout and gave it
+        // up.
+        unsafe {
+            std::alloc::dealloc(
+                handed,
+                std::alloc::Layout::from_size_align(HANDED_SIZE, 8).unwrap(),
+            )
+        };
+    }
+}
+
+extern "C" {
+    /// `c/threads.c`: runs the callback on a thread started with the C
+    /// library's `pthread_create` and joins it.
+    fn memwatch_test_c_thread(cb: extern "C" fn()) -> i32;
+}
+
+/// Runs `foreign_work` on a thread of the kind named: `timer` (a thread the
+/// C library starts for a `timer_create` notification), `c` (a C thread),
+/// or `dlopen` (a thread started by a library loaded at run time), and
+/// returns once that thread is gone.
+fn on_foreign_thread(kind: &str) {
+    match kind {
+        "timer" => on_timer_thread(),
+        // SAFETY: `foreign_work` is an `extern "C" fn()`, as the C side
+        // expects.
+        "c" => assert_eq!(unsafe { memwatch_test_c_thread(foreign_work) }, 0),
+        "dlopen" => {
+            type Entry = unsafe extern "C" fn(extern "C" fn()) -> i32;
+            let path = std::ffi::CString::new(env!("MEMWATCH_TEST_DL")).unwrap();
+            // SAFETY: a library built for this test, with no initialisers
+            // beyond the C library's; the handle is never closed, so the
+            // entry stays valid.
+            let entry: Entry = unsafe {
+                let lib = libc::dlopen(path.as_ptr(), libc::RTLD_NOW);
+                assert!(!lib.is_null(), "dlopen {path:?}");
+                let sym = libc::dlsym(lib, c"memwatch_test_dl_thread".as_ptr());
+                assert!(!sym.is_null(), "dlsym");
+                std::mem::transmute::<*mut libc::c_void, Entry>(sym)
+            };
+            // SAFETY: as for the C thread.
+            assert_eq!(unsafe { entry(foreign_work) }, 0);
+        }
+        other => panic!("unknown kind {other}"),
+    }
+}
+
+/// Fires a `SIGEV_THREAD` timer once and waits until the C library's
+/// notification thread has run `foreign_work` and ended.
+fn on_timer_thread() {
+    static TID: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+    extern "C" fn notify(_: libc::sigval) {
+        // SAFETY: `gettid` has no preconditions.
+        TID.store(unsafe { libc::gettid() } as i64, Ordering::SeqCst);
+        foreign_work();
+        TID.store(-TID.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+    TID.store(0, Ordering::SeqCst);
+    // SAFETY: a zeroed `sigevent` is valid; the fields set are those
+    // SIGEV_THREAD reads. libc's struct does not name the union's function
+    // member, so it is written at its offset, right after `sigev_notify`.
+    let mut timer: libc::timer_t = std::ptr::null_mut();
+    unsafe {
+        let mut ev: libc::sigevent = std::mem::zeroed();
+        ev.sigev_notify = libc::SIGEV_THREAD;
+        let function = std::ptr::addr_of_mut!(ev.sigev_notify)
+            .add(1)
+            .cast::<usize>();
+        function.write_unaligned(notify as *const () as usize);
+        assert_eq!(
+            libc::timer_create(libc::CLOCK_MONOTONIC, &mut ev, &mut timer),
+            0
+        );
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 1_000_000,
+            },
+        };
+        assert_eq!(
+            libc::timer_settime(timer, 0, &spec, std::ptr::null_mut()),
+            0
+        );
+    }
+    // Done once the tid is negative; gone once /proc no longer lists it.
+    let tid = loop {
+        let t = TID.load(Ordering::SeqCst);
+        if t < 0 {
+            break -t;
+        }
+        thread::sleep(Duration::from_millis(1));
+    };
+    while std::path::Path::new(&format!("/proc/self/task/{tid}")).exists() {
+        thread::sleep(Duration::from_millis(1));
+    }
+    // SAFETY: the timer created above, fired once.
+    unsafe { libc::timer_delete(timer) };
+}
+
+/// Threads memwatch did not start count like any other: for each kind
+/// given, 20 rounds in which the main thread allocates a 4 MiB block and a
+/// foreign thread churns, leaks 300 KiB and frees the main thread's block.
+/// After each round the reading must have moved by exactly what the
+/// audit's tally moved (the leak, up to jemalloc's usable sizes), with no
+/// drift. The binary's global allocator is [`crate::audit::Audited`].
+/// Prints one line per kind and exits 1 at the first mismatch.
+pub fn foreign_threads(kinds: &[&str]) {
+    for kind in kinds {
+        let (start, tally) = (memwatch::live_bytes(), crate::audit::tally());
+        for round in 0..20 {
+            let layout = std::alloc::Layout::from_size_align(HANDED_SIZE, 8).unwrap();
+            // SAFETY: a non-zero size; freed by the foreign thread.
+            let block = unsafe { std::alloc::alloc(layout) };
+            assert!(!block.is_null());
+            HANDED.store(block, Ordering::SeqCst);
+            let before = (memwatch::live_bytes() as isize, crate::audit::tally());
+            on_foreign_thread(kind);
+            assert!(
+                HANDED.load(Ordering::SeqCst).is_null(),
+                "the block was freed"
+            );
+            let moved = memwatch::live_bytes() as isize - before.0;
+            let truth = crate::audit::tally() - before.1;
+            if moved != truth || truth < LEAK as isize - HANDED_SIZE as isize {
+                println!("{kind}: round {round}: reading moved {moved}, the tally {truth}");
+                std::process::exit(1);
+            }
+        }
+        let drift =
+            (memwatch::live_bytes() as isize - start as isize) - (crate::audit::tally() - tally);
+        println!("{kind}: 20 rounds, reading moved with the tally, drift {drift}");
+        if drift != 0 {
+            std::process::exit(1);
+        }
+    }
 }

@@ -507,3 +507,50 @@ fn a_long_bad_value_is_cut_in_the_warning() {
     let line = r.one_warning(&[THRESHOLD, &"x".repeat(64), "(10000 bytes)", "off"]);
     assert!(line.len() < 300, "{line}");
 }
+
+/// Threads memwatch did not start: a thread the C library starts for a
+/// `timer_create` notification, a C thread, and a thread of a library
+/// loaded with `dlopen`. Each leaks and frees a block the main thread
+/// allocated, 20 rounds each: the reading moves exactly with an
+/// independent tally every round, and nothing drifts.
+fn assert_foreign_threads(bin: &str) {
+    let r = common::run_with_args(bin, &["timer", "c", "dlopen"], &[], LIMIT);
+    assert_eq!(r.code(), Some(0), "{r:#?}");
+    for kind in ["timer", "c", "dlopen"] {
+        assert_eq!(
+            r.fact(kind),
+            Some("20 rounds, reading moved with the tally, drift 0"),
+            "{r:#?}"
+        );
+    }
+}
+
+#[test]
+fn threads_memwatch_did_not_start_count_exactly() {
+    assert_foreign_threads("foreign_threads");
+}
+
+#[test]
+fn threads_memwatch_did_not_start_count_exactly_over_system() {
+    assert_foreign_threads("system_foreign_threads");
+}
+
+/// jemalloc's per-thread counters missing (a build with
+/// `MEMWATCH_TEST_RENAME_COUNTERS` set asks jemalloc for a name it does not
+/// have; `.ci/run` runs this test in such a build too): counting goes on,
+/// every call by itself, the trip still comes and exits 2, and one warning
+/// names the cause. In an ordinary build there is no such warning.
+#[test]
+fn without_jemallocs_counters_counting_goes_on_with_one_warning() {
+    let renamed = option_env!("MEMWATCH_TEST_RENAME_COUNTERS").is_some();
+    let r = run("crosses_threshold", &[(THRESHOLD, "64")], LIMIT);
+    assert_eq!(r.code(), Some(2), "{r:#?}");
+    assert_eq!(r.trace, ["first", "second"], "{r:#?}");
+    let warnings = r.stderr_lines("thread.allocatedp");
+    if renamed {
+        assert_eq!(warnings.len(), 1, "{r:#?}");
+        assert!(warnings[0].contains("WARN") && warnings[0].contains("counts every call itself"));
+    } else {
+        assert!(warnings.is_empty(), "{r:#?}");
+    }
+}

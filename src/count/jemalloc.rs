@@ -199,16 +199,34 @@ fn joined(slack: usize) -> bool {
     }
 }
 
+/// The `mallctl` names of the thread's two counters. A test build renames
+/// them (`MEMWATCH_TEST_RENAME_COUNTERS` at build time), to check the
+/// fallback when they are missing.
+#[cfg(not(memwatch_counters_renamed))]
+const COUNTERS: [&std::ffi::CStr; 2] = [c"thread.allocatedp", c"thread.deallocatedp"];
+#[cfg(memwatch_counters_renamed)]
+const COUNTERS: [&std::ffi::CStr; 2] = [c"thread.allocatedp.renamed", c"thread.deallocatedp"];
+
+/// Set when a thread could not read its counters and counts every call
+/// itself; the watchdog reports it.
+static COUNTERS_MISSING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether some thread found jemalloc's per-thread counters missing and
+/// counts every call itself, into the shared total.
+pub(crate) fn counters_missing() -> bool {
+    // Relaxed: a report, read by the watchdog.
+    COUNTERS_MISSING.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 fn join(_slack: usize) -> bool {
     STATE.with(|s| s.set(REGISTERING));
+    crate::stats::note_jemalloc_inner();
     // SAFETY: jemalloc documents both as `uint64_t *`.
-    let counters = unsafe {
-        (
-            read::<*mut u64>(c"thread.allocatedp"),
-            read::<*mut u64>(c"thread.deallocatedp"),
-        )
-    };
+    let counters = unsafe { (read::<*mut u64>(COUNTERS[0]), read::<*mut u64>(COUNTERS[1])) };
     let (Some(a), Some(d)) = counters else {
+        // Still counted: each call by its usable size, straight into the
+        // total (one shared atomic per call). Relaxed: see the reader.
+        COUNTERS_MISSING.store(true, std::sync::atomic::Ordering::Relaxed);
         STATE.with(|s| s.set(DIRECT));
         return false;
     };
@@ -226,7 +244,6 @@ fn join(_slack: usize) -> bool {
     SLOT.with(|s| s.set(slot));
     FOLDED.with(|f| f.set(net()));
     STATE.with(|s| s.set(ACTIVE));
-    crate::stats::note_jemalloc_inner();
     thread_joined();
     true
 }

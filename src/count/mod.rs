@@ -113,6 +113,11 @@ mod process {
         BUDGET.load(SeqCst)
     }
 
+    /// Threads holding a slot now. Relaxed: a statistic.
+    pub(crate) fn threads() -> usize {
+        THREADS.load(Relaxed)
+    }
+
     /// A thread took a slot: the budget's shares shrink, and the slots that
     /// hold more than the new share are looked at now (see
     /// [`check_exact`]).
