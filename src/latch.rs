@@ -213,21 +213,28 @@ pub(crate) use process::*;
 /// The process's latch and the watchdog wake-up.
 #[cfg(not(loom))]
 mod process {
-    use std::sync::OnceLock;
+    use std::sync::atomic::AtomicPtr;
+    use std::sync::atomic::Ordering::{Acquire, Release};
     use std::thread::Thread;
 
     use super::Latch;
 
     static LATCH: Latch = Latch::new();
 
-    /// The watchdog's thread, to unpark. `Thread::unpark` is an atomic swap
-    /// and, if the thread sleeps, one futex wake: it neither allocates nor
-    /// locks.
-    static WATCHDOG: OnceLock<Thread> = OnceLock::new();
+    /// The watchdog's thread, to unpark: a handle leaked at start, so that
+    /// a child of `fork` can start a watchdog of its own and replace it.
+    /// `Thread::unpark` is an atomic swap and, if the thread sleeps, one
+    /// futex wake: it neither allocates nor locks.
+    static WATCHDOG: AtomicPtr<Thread> = AtomicPtr::new(std::ptr::null_mut());
 
     fn wake() {
-        if let Some(thread) = WATCHDOG.get() {
-            thread.unpark();
+        // Acquire pairs with the Release in `arm`: the handle is complete.
+        let thread = WATCHDOG.load(Acquire);
+        if !thread.is_null() {
+            // SAFETY: a handle leaked in `arm`, never freed. In a child of
+            // `fork` it may name a thread that is not there; unparking it
+            // then wakes nobody.
+            unsafe { (*thread).unpark() };
         }
     }
 
@@ -257,11 +264,11 @@ mod process {
     }
 
     /// Arms the latch at `threshold` bytes and names the thread to wake.
-    /// Called once, at start.
+    /// Called once per process at start (once more in a child of `fork`
+    /// that starts its own watchdog; the parent's handle is leaked).
     pub(crate) fn arm(threshold: isize, watchdog: Thread) {
-        // `set` fails only if a watchdog was armed before, which the
-        // watchdog's single-start guard rules out.
-        let _ = WATCHDOG.set(watchdog);
+        // Release: see `wake`.
+        WATCHDOG.store(Box::into_raw(Box::new(watchdog)), Release);
         LATCH.arm(threshold);
     }
 

@@ -45,7 +45,7 @@
 //! |---|---|---|
 //! | `ELASTICKV_MEMORY_SHUTDOWN_THRESHOLD_MB` | threshold in MiB (× 1,048,576 bytes); unset, empty or `0` is off | off |
 //! | `ELASTICKV_MEMORY_SHUTDOWN_THRESHOLD_RATIO` | threshold as a fraction in (0, 1] of the effective memory limit (cgroup or RAM); the MiB form wins | off |
-//! | `ELASTICKV_MEMORY_SHUTDOWN_GRACE` | time the hooks may take: `500ms`, `10s`, `2m`; at most a day (longer is clamped, with a warning) | `30s` |
+//! | `ELASTICKV_MEMORY_SHUTDOWN_GRACE` | time the hooks may take: `500ms`, `10s`, `2m`; `0s` skips them; at most a day (longer is clamped, with a warning) | `30s` |
 //! | `ELASTICKV_MEMORY_SHED_THRESHOLD_MB` | soft level in MiB, below the threshold: [`pressure`] turns true above it | off |
 //! | `ELASTICKV_MEMORY_SHED_THRESHOLD_RATIO` | soft level as a fraction of the effective memory limit | off |
 //! | `ELASTICKV_MEMORY_LIMIT_RECHECK` | how often a ratio level re-reads the memory limit and follows a resize; `0s` reads it once; at most a day (longer is clamped, with a warning) | `10s` |

@@ -202,8 +202,10 @@ impl Watchdog {
         self
     }
 
-    /// Sets how long the hooks may take in all. Past it the process exits
-    /// with the exit code anyway, and the hook still running is logged.
+    /// Sets how long the hooks may take in all. Past it the process ends
+    /// with the exit code anyway (`_exit`), and the hook still running is
+    /// logged if standard error can take the line. `Duration::ZERO` skips
+    /// the hooks; more than a day is clamped to a day, with a warning.
     pub fn grace(mut self, grace: Duration) -> Self {
         self.grace = grace;
         self
@@ -313,12 +315,14 @@ impl Watchdog {
             _ => None,
         };
         if STARTED.swap(true, SeqCst) {
+            // (A child of `fork` may start one again: see `forget_in_child`.)
             emit(
                 Level::Warn,
                 format_args!("memory watchdog already started; this second start does nothing"),
             );
             return off;
         }
+        forget_watchdog_in_forked_children();
         let plan = Plan {
             threshold,
             grace,
@@ -631,6 +635,23 @@ pub fn wait_tripped_timeout(timeout: Duration) -> bool {
 }
 
 static STARTED: AtomicBool = AtomicBool::new(false);
+
+/// In a child of `fork`: the parent's watchdog threads are not there, so
+/// the child may start a watchdog of its own. Only stores an atomic, as a
+/// fork handler must.
+extern "C" fn forget_in_child() {
+    STARTED.store(false, SeqCst);
+}
+
+/// Registers [`forget_in_child`] once per process.
+fn forget_watchdog_in_forked_children() {
+    static REGISTERED: std::sync::Once = std::sync::Once::new();
+    REGISTERED.call_once(|| {
+        // SAFETY: `forget_in_child` is an `extern "C" fn()` that stays valid
+        // for the program's life.
+        unsafe { libc::pthread_atfork(None, None, Some(forget_in_child)) };
+    });
+}
 static EXITING: AtomicBool = AtomicBool::new(false);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

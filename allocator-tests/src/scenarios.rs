@@ -808,3 +808,33 @@ pub fn foreign_threads(kinds: &[&str]) {
         }
     }
 }
+
+/// A child of `fork` starts a watchdog of its own: the parent's watchdog
+/// (threshold from the environment, far above what anyone holds) is not in
+/// the child, so the child arms 64 MiB, grows past it and must exit 2 after
+/// its hook. The parent prints the child's exit code and exits 0.
+pub fn fork_child_watchdog() {
+    init_logging();
+    let parent = memwatch::Watchdog::from_env()
+        .on_shutdown("parent", || trace("parent hook ran"))
+        .start();
+    // SAFETY: the child runs Rust code that memwatch, std and jemalloc
+    // support after fork, and ends through the watchdog's exit or `_exit`.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        let child = memwatch::Watchdog::new()
+            .threshold_mb(64)
+            .on_shutdown("child", || trace("child hook ran"))
+            .start();
+        let armed = child.is_armed();
+        let held = grow_until_tripped(1024, Duration::ZERO);
+        child.exit_if_tripped();
+        eprintln!("child: armed {armed}, no trip holding {} MiB", held.len());
+        // SAFETY: ends the child without the parent's exit handlers.
+        unsafe { libc::_exit(1) };
+    }
+    let code = wait_child(pid, Duration::from_secs(30));
+    println!("child exit: {code:?}");
+    parent.exit_if_tripped();
+}

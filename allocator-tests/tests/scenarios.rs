@@ -554,3 +554,14 @@ fn without_jemallocs_counters_counting_goes_on_with_one_warning() {
         assert!(warnings.is_empty(), "{r:#?}");
     }
 }
+
+/// A child of `fork` has no watchdog of its parent's but may start its own,
+/// which trips, runs the child's hook and exits 2; the parent's hook does
+/// not run.
+#[test]
+fn a_forked_child_starts_a_watchdog_of_its_own() {
+    let r = run("fork_child_watchdog", &[(THRESHOLD, "100000")], LIMIT);
+    assert_eq!(r.code(), Some(0), "{r:#?}");
+    assert_eq!(r.fact("child exit"), Some("Some(2)"), "{r:#?}");
+    assert_eq!(r.trace, ["child hook ran"], "{r:#?}");
+}
