@@ -39,8 +39,9 @@ use std::ptr;
 use tikv_jemalloc_sys as sys;
 
 use super::slot::Slot;
+use super::state::{ACTIVE, DIRECT, REGISTERING, UNREGISTERED};
 use super::table::Table;
-use super::{arm_exit, fold, fold_size, observe, thread_joined, thread_left, TOTAL};
+use super::{claim, fold, fold_size, observe, thread_joined, thread_left, TOTAL};
 
 /// How far the calling thread's net (weighted, below) may move either way
 /// between two looks at its counters: 48 KiB. Weighted bytes bound usable
@@ -65,12 +66,6 @@ const OUTSIDE: isize = isize::MIN / 2;
 
 /// The slots of threads whose jemalloc counters memwatch reads.
 static TABLE: Table = Table::new();
-
-const UNREGISTERED: u8 = 0;
-const REGISTERING: u8 = 1;
-const ACTIVE: u8 = 2;
-/// Past its exit, or unable to join: every call counts itself.
-const DIRECT: u8 = 3;
 
 thread_local! {
     // `const` initialisers, no `Drop`: plain thread-local words, usable at
@@ -230,13 +225,12 @@ fn join(_slack: usize) -> bool {
         STATE.with(|s| s.set(DIRECT));
         return false;
     };
-    if !arm_exit() {
-        STATE.with(|s| s.set(UNREGISTERED));
-        return false;
-    }
-    let Some(slot) = TABLE.claim() else {
-        STATE.with(|s| s.set(DIRECT));
-        return false;
+    let slot = match claim(&TABLE) {
+        Ok(slot) => slot,
+        Err(state) => {
+            STATE.with(|s| s.set(state));
+            return false;
+        }
     };
     slot.empty(0);
     ALLOCATED.with(|c| c.set(a));
@@ -305,27 +299,14 @@ pub(crate) fn leave() {
 /// Adds every taken slot's published delta to `sum`, and the positive ones
 /// to `ahead`, for a reading.
 pub(crate) fn add_pending(sum: &mut isize, ahead: &mut isize) {
-    TABLE.for_each(|s| {
-        let p = s.pending();
-        *sum = sum.wrapping_add(p);
-        *ahead = ahead.saturating_add(p.max(0));
-    });
+    TABLE.add_pending(sum, ahead);
 }
 
 /// In a forked child: folds and frees every slot but the calling thread's;
 /// returns how many it freed. What the other threads did since they last
 /// published is lost: at most 60 KiB each.
 pub(crate) fn forget_other_threads() -> usize {
-    let mine = SLOT.with(Cell::get);
-    let mut freed = 0;
-    TABLE.for_each(|s| {
-        if !ptr::eq(s, mine) {
-            s.drain_into(&TOTAL);
-            TABLE.release(s);
-            freed += 1;
-        }
-    });
-    freed
+    TABLE.forget_all_but(SLOT.with(Cell::get), &TOTAL)
 }
 
 /// The usable size jemalloc gives `block`: what a call of a thread without

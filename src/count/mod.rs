@@ -28,6 +28,19 @@ pub(crate) mod jemalloc;
 #[cfg(not(loom))]
 pub(crate) use process::*;
 
+/// Where a thread stands with a table, in its thread-local state word.
+#[cfg(not(loom))]
+pub(crate) mod state {
+    /// Not in the table yet; the next cold call tries to join.
+    pub(crate) const UNREGISTERED: u8 = 0;
+    /// Joining: calls made meanwhile count in the total.
+    pub(crate) const REGISTERING: u8 = 1;
+    /// In the table.
+    pub(crate) const ACTIVE: u8 = 2;
+    /// Past its exit, or unable to join: every call counts in the total.
+    pub(crate) const DIRECT: u8 = 3;
+}
+
 /// Default per-thread slack, in bytes: 4 MiB, ClickHouse's default
 /// `max_untracked_memory`. A thread folds what it counted into the shared
 /// total once more than its share of the process's error budget, and never
@@ -203,6 +216,19 @@ mod process {
     static SETUP: AtomicU8 = AtomicU8::new(NOT_SET_UP);
     /// The `pthread` key whose destructor is [`at_exit`], once set up.
     static EXIT_KEY: AtomicUsize = AtomicUsize::new(0);
+
+    /// Arms the calling thread's exit and claims it a slot of `table`; on
+    /// failure, the state the thread takes: try again on a later call while
+    /// another thread sets the process up, count every call in the total if
+    /// the kernel refused the table memory.
+    pub(crate) fn claim(
+        table: &'static super::table::Table,
+    ) -> Result<&'static super::slot::Slot, u8> {
+        if !arm_exit() {
+            return Err(super::state::UNREGISTERED);
+        }
+        table.claim().ok_or(super::state::DIRECT)
+    }
 
     /// Arranges for [`at_exit`] to run when the calling thread ends, and
     /// returns whether it will. The first call in the process creates the

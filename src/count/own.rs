@@ -13,23 +13,15 @@
 use std::cell::Cell;
 
 use super::slot::Slot;
+use super::state::{ACTIVE, DIRECT, REGISTERING, UNREGISTERED};
 use super::table::Table;
-use super::{arm_exit, fold, fold_size, observe, thread_joined, thread_left, TOTAL};
+use super::{claim, fold, fold_size, observe, thread_joined, thread_left, TOTAL};
 
 /// The slots of threads that count through memwatch's own count.
 static TABLE: Table = Table::new();
 
 /// The slot of no thread: every update misses its window.
 static NOWHERE: Slot = Slot::outside();
-
-/// Not in the table yet; the next cold call tries to join.
-const UNREGISTERED: u8 = 0;
-/// Joining: calls made meanwhile count in the total.
-const REGISTERING: u8 = 1;
-/// In the table.
-const ACTIVE: u8 = 2;
-/// Past its exit, or unable to join: every call counts in the total.
-const DIRECT: u8 = 3;
 
 thread_local! {
     // `const` initialisers and no `Drop`: plain thread-local words, usable
@@ -84,14 +76,12 @@ fn record_cold(delta: isize, slack: usize, on_join: impl Fn()) {
 /// Claims a slot for the calling thread; `false` if it could not (yet).
 fn join(slack: usize) -> bool {
     STATE.with(|s| s.set(REGISTERING));
-    if !arm_exit() {
-        // Another thread is setting up the process: try again later.
-        STATE.with(|s| s.set(UNREGISTERED));
-        return false;
-    }
-    let Some(slot) = TABLE.claim() else {
-        STATE.with(|s| s.set(DIRECT));
-        return false;
+    let slot = match claim(&TABLE) {
+        Ok(slot) => slot,
+        Err(state) => {
+            STATE.with(|s| s.set(state));
+            return false;
+        }
     };
     // Pending 0 before anyone reads it (the claim's fence orders it).
     slot.empty(fold_size(slack));
@@ -116,26 +106,13 @@ pub(crate) fn leave() {
 /// Adds every taken slot's pending delta to `sum`, and the positive ones
 /// to `ahead`, for a reading.
 pub(crate) fn add_pending(sum: &mut isize, ahead: &mut isize) {
-    TABLE.for_each(|s| {
-        let p = s.pending();
-        *sum = sum.wrapping_add(p);
-        *ahead = ahead.saturating_add(p.max(0));
-    });
+    TABLE.add_pending(sum, ahead);
 }
 
 /// In a forked child: folds and frees every slot but the calling thread's;
 /// returns how many it freed.
 pub(crate) fn forget_other_threads() -> usize {
-    let mine: *const Slot = SLOT.with(Cell::get);
-    let mut freed = 0;
-    TABLE.for_each(|s| {
-        if !std::ptr::eq(s, mine) {
-            s.drain_into(&TOTAL);
-            TABLE.release(s);
-            freed += 1;
-        }
-    });
-    freed
+    TABLE.forget_all_but(SLOT.with(Cell::get), &TOTAL)
 }
 
 /// How many threads hold a slot now.

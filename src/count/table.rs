@@ -24,6 +24,8 @@ use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 
 use super::slot::Slot;
 use crate::sync::fence;
+#[cfg(not(loom))]
+use crate::sync::AtomicIsize;
 
 /// Slots per chunk: 256 threads before the first growth, 32 KiB a chunk.
 pub(crate) const CHUNK: usize = 256;
@@ -137,6 +139,32 @@ impl<const N: usize> Table<N> {
                 f(slot);
             }
         }
+    }
+
+    /// Adds every taken slot's pending delta to `sum`, and the positive ones
+    /// to `ahead`, for a reading.
+    #[cfg(not(loom))]
+    pub(crate) fn add_pending(&self, sum: &mut isize, ahead: &mut isize) {
+        self.for_each(|s| {
+            let p = s.pending();
+            *sum = sum.wrapping_add(p);
+            *ahead = ahead.saturating_add(p.max(0));
+        });
+    }
+
+    /// In a forked child: folds every taken slot but `mine` into `total`
+    /// and frees it; returns how many it freed.
+    #[cfg(not(loom))]
+    pub(crate) fn forget_all_but(&self, mine: *const Slot, total: &AtomicIsize) -> usize {
+        let mut freed = 0;
+        self.for_each(|s| {
+            if !ptr::eq(s, mine) {
+                s.drain_into(total);
+                self.release(s);
+                freed += 1;
+            }
+        });
+        freed
     }
 
     /// How many slots are taken now. Relaxed: a statistic.
