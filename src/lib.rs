@@ -140,18 +140,31 @@
 // their model checks.
 #![cfg_attr(loom, allow(dead_code, unused_imports))]
 
-mod count;
-mod latch;
-mod sync;
-
+// The index. In-band, on the allocator path:
+/// The wrapper: `GlobalAlloc` over an inner allocator.
 #[cfg(not(loom))]
 mod alloc;
+/// The per-thread counts, the thread table, the shared total, the budget.
+mod count;
+/// The one-shot latch and the soft level, decided on exact readings.
+mod latch;
+/// std's atomics, or loom's under `--cfg loom`, chosen once.
+mod sync;
+
+// Off the allocator path, on the application's and the watchdog's threads:
+/// Environment variables and their parsing.
 #[cfg(not(loom))]
 mod config;
+/// The effective memory limit (cgroup v2, v1, RAM).
 #[cfg(not(loom))]
 mod limits;
+/// The watchdog and grace threads after the trip, and the exit.
+#[cfg(not(loom))]
+mod shutdown;
+/// The readings a program or a metrics endpoint takes.
 #[cfg(not(loom))]
 mod stats;
+/// The builder, its start and its handle.
 #[cfg(not(loom))]
 mod watchdog;
 
@@ -172,14 +185,14 @@ pub use crate::count::{DEFAULT_SLACK, MAX_SLACK, MIN_BUDGET};
 #[cfg(not(loom))]
 pub use crate::limits::{memory_limit, memory_limit_at, LimitSource, MemoryLimit};
 #[cfg(not(loom))]
+pub use crate::shutdown::{wait_tripped, wait_tripped_timeout};
+#[cfg(not(loom))]
 pub use crate::stats::{
     armed_threshold_bytes, jemalloc_stats, live_bytes, peak_bytes, pressure, snapshot, tripped,
     wraps_jemalloc, JemallocStats, Snapshot,
 };
 #[cfg(not(loom))]
-pub use crate::watchdog::{
-    wait_tripped, wait_tripped_timeout, PressureEvent, Watchdog, WatchdogHandle,
-};
+pub use crate::watchdog::{PressureEvent, Watchdog, WatchdogHandle};
 
 /// jemalloc, the default inner allocator (re-exported from `tikv-jemallocator`).
 #[cfg(all(feature = "jemalloc", not(loom)))]

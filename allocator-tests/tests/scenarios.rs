@@ -475,13 +475,14 @@ fn a_grace_of_0s_skips_the_hooks_and_exits_2() {
 }
 
 /// The hooks finish but `exit` hangs in an `atexit` handler: the process
-/// still ends with code 2, half a second past the grace deadline.
+/// still ends with code 2, half a second past the grace deadline (3 s at
+/// most for a 1 s grace, start-up included).
 #[test]
 fn a_hanging_atexit_handler_does_not_keep_the_process_alive() {
     let r = run("atexit_hangs", &[(THRESHOLD, "64"), (GRACE, "1s")], LIMIT);
     assert_eq!(r.code(), Some(2), "{r:#?}");
     assert_eq!(r.trace, ["hook ran"], "{r:#?}");
-    assert!(r.elapsed < Duration::from_millis(2500), "{r:#?}");
+    assert!(r.elapsed < Duration::from_secs(3), "{r:#?}");
     assert_eq!(r.stderr_lines("exit did not finish").len(), 1, "{r:#?}");
 }
 
