@@ -1,0 +1,154 @@
+//! The tests of the count over jemalloc on Linux: jemalloc's own
+//! per-thread counters, in usable sizes. The drivers are shared with the
+//! tests of memwatch's own count, in `mod.rs`.
+
+use super::*;
+use crate::count::jemalloc::{self, UNPUBLISHED};
+use crate::Jemalloc;
+
+static JE: MemWatch<Jemalloc> = MemWatch::new(Jemalloc);
+
+/// What the reading counts for a block: jemalloc's usable size.
+fn usable(b: &Block) -> usize {
+    // SAFETY: `b` is a live jemalloc block.
+    unsafe { tikv_jemallocator::usable_size(b.0) }
+}
+
+#[test]
+fn the_reading_counts_usable_sizes_exactly_under_threads_that_come_and_go() {
+    serial(|| {
+        let leaked = churn(&JE, usable);
+        // 1000 + t bytes round up to 1024 in jemalloc's size classes.
+        assert_eq!(leaked, 160 * 1024);
+        // The 160 threads that came and went gave their slots back.
+        let joined = jemalloc::threads_joined();
+        assert!(joined <= 1, "{joined} hold a slot");
+    })
+}
+
+#[test]
+fn readings_taken_while_threads_exit_stay_bounded_and_end_exact() {
+    readings_while_threads_exit(&JE);
+}
+
+#[test]
+fn a_thread_that_only_frees_is_counted_by_usable_size() {
+    // While it runs, the consumer may not have published its last
+    // 64 KiB of frees.
+    only_frees(&JE, usable, UNPUBLISHED);
+}
+
+#[test]
+fn calls_from_destructors_that_run_after_the_exit_fold_are_counted_by_usable_size() {
+    late_destructor(&JE, usable);
+}
+
+#[test]
+fn calls_from_pthread_key_destructors_after_the_exit_fold_are_counted_by_usable_size() {
+    key_destructor_after_exit(&JE, usable);
+}
+
+#[test]
+fn a_thread_the_c_library_starts_is_counted_by_usable_size() {
+    c_thread(&JE, usable);
+}
+
+#[test]
+fn threads_beyond_the_first_chunk_of_slots_count_exactly_by_usable_size() {
+    beyond_the_table(&JE, usable, jemalloc::threads_joined);
+}
+
+#[test]
+fn the_threshold_check_lags_the_reading_by_less_than_the_slack_and_64_kib() {
+    let bound = DEFAULT_SLACK + UNPUBLISHED;
+    serial(|| {
+        let start = counter::live_bytes();
+        let mut held = Vec::new();
+        for i in 0..4000usize {
+            if i % 5 == 4 {
+                free(&JE, held.swap_remove(i % held.len()));
+            } else {
+                held.push(alloc(&JE, 64 + (i * 7919) % 40_000));
+            }
+            let lag = counter::live_bytes() - counter::folded_bytes();
+            assert!(
+                lag.unsigned_abs() < bound,
+                "step {i}: the shared total lags by {lag}"
+            );
+        }
+        let held_bytes: usize = held.iter().map(usable).sum();
+        assert!(held_bytes > 10 * DEFAULT_SLACK, "{held_bytes}");
+        assert_eq!(counter::live_bytes() - start, held_bytes as isize);
+        assert!(counter::folded_bytes() - start > (held_bytes - bound) as isize);
+        for b in held {
+            free(&JE, b);
+        }
+        assert_eq!(counter::live_bytes(), start);
+    })
+}
+
+/// A loop of alloc+free pairs moves a thread's count by one block at
+/// most, so it never folds into the shared total, which every thread
+/// writes.
+#[test]
+fn loops_of_alloc_free_pairs_up_to_the_slack_never_touch_the_shared_total() {
+    serial(|| {
+        let (live, folded) = (counter::live_bytes(), counter::folded_bytes());
+        for size in [16, 4096, 64 << 10, 1 << 20] {
+            for _ in 0..2000 {
+                let b = alloc(&JE, size);
+                assert_eq!(counter::folded_bytes(), folded, "{size} B");
+                assert_eq!(counter::live_bytes() - live, usable(&b) as isize);
+                free(&JE, b);
+            }
+        }
+        assert_eq!(counter::live_bytes(), live);
+    })
+}
+
+/// An alloc/free pair weighs nothing, so a loop of pairs of any size up
+/// to the window never leaves the fast path: no look at the counters,
+/// however many pairs (a countdown of activity looked every 64 KiB).
+#[test]
+fn loops_of_alloc_free_pairs_never_leave_the_fast_path() {
+    serial(|| {
+        // Join and centre the level first.
+        free(&JE, alloc(&JE, 1 << 20));
+        for size in [16, 256, 4096, 16 << 10] {
+            let before = jemalloc::looks();
+            for _ in 0..100_000 {
+                free(&JE, alloc(&JE, size));
+            }
+            assert_eq!(jemalloc::looks() - before, 0, "{size} B pairs looked");
+        }
+    })
+}
+
+/// A slack of 0 looks and folds after every call; a slack of 1000
+/// looks once the thread's weighted net moves by 1000 bytes (at most
+/// 1250 usable) and folds beyond 1000, so the shared total lags by at
+/// most 2250.
+#[test]
+fn a_slack_below_64_kib_looks_and_folds_that_much_sooner() {
+    static EXACT: MemWatch<Jemalloc> = MemWatch::new(Jemalloc).with_slack(0);
+    static TIGHT: MemWatch<Jemalloc> = MemWatch::new(Jemalloc).with_slack(1000);
+    for (a, bound) in [(&EXACT, 0), (&TIGHT, 2250)] {
+        serial(|| {
+            let start = counter::live_bytes();
+            let mut held = Vec::new();
+            for i in 0..2000usize {
+                if i % 3 == 2 {
+                    free(a, held.swap_remove(i % held.len()));
+                } else {
+                    held.push(alloc(a, 16 + (i * 7919) % 900));
+                }
+                let lag = counter::live_bytes() - counter::folded_bytes();
+                assert!(lag.unsigned_abs() <= bound, "step {i}: lag {lag} > {bound}");
+            }
+            for b in held {
+                free(a, b);
+            }
+            assert_eq!(counter::live_bytes(), start);
+        })
+    }
+}
