@@ -457,7 +457,10 @@ fn fork_child_checks() -> bool {
         eprintln!("child: {threads} threads listed after the joins, not 1");
         return false;
     }
-    if moved != expect || expect < leaked as isize {
+    // The tally moves by the leaks, less what std frees of the parent's
+    // (a stack map node when a child's thread reuses a parent thread's
+    // stack, 544 B): both must move, and together.
+    if moved != expect || expect < leaked as isize - 4096 {
         eprintln!("child: reading moved by {moved}, the tally by {expect}, {leaked} B leaked");
         return false;
     }
