@@ -81,14 +81,35 @@ thread_local! {
     static FOLDED: Cell<u64> = const { Cell::new(0) };
 }
 
-/// A block's weight: its size plus its alignment plus 15. jemalloc's usable
-/// size is at most 1.25 times that for every size class and alignment (8
-/// for 1 byte, 160 for 129, a quarter more at most from 128 bytes up, the
-/// alignment at most for a block smaller than it), so the weighted net
-/// bounds the usable one. An alloc/free pair weighs nothing in all.
+/// The alignment jemalloc gives every block without being asked (C's
+/// `max_align_t`): tikv-jemallocator calls plain `malloc` for blocks
+/// aligned to at most this and at most their size.
+const PLAIN_ALIGN: usize = if cfg!(any(target_arch = "x86_64", target_arch = "aarch64")) {
+    16
+} else {
+    8
+};
+
+/// Whether jemalloc serves `layout` through its plain entry points, as the
+/// fast path does.
+#[inline(always)]
+pub(crate) const fn plain(layout: Layout) -> bool {
+    layout.align() <= PLAIN_ALIGN && layout.align() <= layout.size()
+}
+
+/// A block's weight: its size plus 16, or plus its alignment if that is
+/// larger. jemalloc's usable size is at most 1.25 times that for every size
+/// class and alignment (8 for 1 byte, 160 for 129, a quarter more at most
+/// from 128 bytes up, the alignment at most for a block smaller than it),
+/// so the weighted net bounds the usable one. An alloc/free pair weighs
+/// nothing in all.
 #[inline(always)]
 pub(crate) const fn weight(layout: Layout) -> usize {
-    layout.size().wrapping_add(layout.align()).wrapping_add(15)
+    if layout.align() <= 16 {
+        layout.size().wrapping_add(16)
+    } else {
+        layout.size().wrapping_add(layout.align())
+    }
 }
 
 /// What an allocation (or with `free`, a free) of `layout` moves the
@@ -109,31 +130,35 @@ pub(crate) fn delta(layout: Layout, free: bool) -> isize {
 /// cold path).
 #[inline(always)]
 pub(crate) fn add(layout: Layout, slack: usize) -> bool {
-    LEVEL.with(|l| {
-        let level = l.get().wrapping_add(weight(layout) as isize);
-        // `0 <= level <= 2 * window` as one unsigned compare.
-        if level as usize <= 2 * window(slack) {
-            l.set(level);
-            true
-        } else {
-            false
-        }
-    })
+    // Only plain blocks: the compiler then knows that the call into
+    // jemalloc that follows is plain `malloc`, and merges the two tests.
+    plain(layout)
+        && LEVEL.with(|l| {
+            let level = l.get().wrapping_add(weight(layout) as isize);
+            // `0 <= level <= 2 * window` as one unsigned compare.
+            if level as usize <= 2 * window(slack) {
+                l.set(level);
+                true
+            } else {
+                false
+            }
+        })
 }
 
 /// The fast path of a free of `layout`: only the window's lower end can be
 /// crossed, and `level < 0` is the sign of the subtraction itself.
 #[inline(always)]
 pub(crate) fn take(layout: Layout) -> bool {
-    LEVEL.with(|l| {
-        let level = l.get().wrapping_sub(weight(layout) as isize);
-        if level >= 0 {
-            l.set(level);
-            true
-        } else {
-            false
-        }
-    })
+    plain(layout)
+        && LEVEL.with(|l| {
+            let level = l.get().wrapping_sub(weight(layout) as isize);
+            if level >= 0 {
+                l.set(level);
+                true
+            } else {
+                false
+            }
+        })
 }
 
 /// The window for `slack`: [`WINDOW`], or the slack if smaller (a slack of
@@ -180,12 +205,14 @@ pub(crate) enum After {
 
 /// After a call larger than the window: publishes (or folds) at once and
 /// re-centres the level.
+#[inline]
 pub(crate) fn after(slack: usize) {
     look(fold_size(slack));
     LEVEL.with(|l| l.set(window(slack) as isize));
 }
 
 /// Whether the calling thread has a slot, joining if it never tried.
+#[inline]
 fn joined(slack: usize) -> bool {
     match STATE.with(Cell::get) {
         ACTIVE => true,
@@ -213,6 +240,8 @@ pub(crate) fn counters_missing() -> bool {
     COUNTERS_MISSING.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+#[cold]
+#[inline(never)]
 fn join(_slack: usize) -> bool {
     STATE.with(|s| s.set(REGISTERING));
     crate::stats::note_jemalloc_inner();
@@ -243,6 +272,7 @@ fn join(_slack: usize) -> bool {
 }
 
 /// The calling thread's `allocated - deallocated`, from its own counters.
+#[inline]
 fn net() -> u64 {
     let (a, d) = (ALLOCATED.with(Cell::get), DEALLOCATED.with(Cell::get));
     // SAFETY: only called on an `ACTIVE` thread, whose two pointers jemalloc
@@ -255,6 +285,7 @@ fn net() -> u64 {
 
 /// Publishes what the thread counted since its last fold, folding it into
 /// the total once it exceeds `fold` bytes either way.
+#[inline]
 fn look(fold: usize) {
     #[cfg(test)]
     LOOKS.with(|l| l.set(l.get() + 1));
