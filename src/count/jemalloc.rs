@@ -5,8 +5,8 @@
 //! jemalloc 5.3 build). memwatch only looks at them now and then:
 //!
 //! - a thread-local level holds the thread's net since its last look, in
-//!   weighted bytes (a block weighs its size, its alignment and 15; see
-//!   [`weight`]). It starts far outside its window, so a thread's first
+//!   weighted bytes (a block weighs its size plus 16, or plus its
+//!   alignment past 16; see [`weight`]). It starts far outside its window, so a thread's first
 //!   call through the allocator, whatever started the thread, goes to the
 //!   cold path, which claims a slot and reads the addresses of the
 //!   thread's two counters;
