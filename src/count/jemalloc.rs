@@ -55,10 +55,6 @@ pub(crate) const WINDOW: usize = 48 << 10;
 #[cfg(test)]
 pub(crate) const UNPUBLISHED: usize = 64 << 10;
 
-/// The most a call may weigh and still go through the fast path: larger
-/// calls look at the counters right after jemalloc returns.
-const LARGEST: usize = WINDOW;
-
 /// The level of a thread that counts nothing (not joined, or past its
 /// exit): so far outside the window that every call misses the fast path,
 /// allocations and frees alike.
@@ -178,11 +174,11 @@ const fn window(slack: usize) -> usize {
 /// counted in it. Returns what the call must do afterwards.
 #[inline]
 pub(crate) fn before(delta: isize, slack: usize) -> After {
-    if !joined(slack) {
+    if !joined() {
         return After::CountItself;
     }
     let window = window(slack);
-    if delta.unsigned_abs() <= window.min(LARGEST) {
+    if delta.unsigned_abs() <= window {
         look(fold_size(slack));
         LEVEL.with(|l| l.set(window as isize + delta));
         After::Nothing
@@ -213,10 +209,10 @@ pub(crate) fn after(slack: usize) {
 
 /// Whether the calling thread has a slot, joining if it never tried.
 #[inline]
-fn joined(slack: usize) -> bool {
+fn joined() -> bool {
     match STATE.with(Cell::get) {
         ACTIVE => true,
-        UNREGISTERED => join(slack),
+        UNREGISTERED => join(),
         _ => false,
     }
 }
@@ -242,7 +238,7 @@ pub(crate) fn counters_missing() -> bool {
 
 #[cold]
 #[inline(never)]
-fn join(_slack: usize) -> bool {
+fn join() -> bool {
     STATE.with(|s| s.set(REGISTERING));
     crate::stats::note_jemalloc_inner();
     // SAFETY: jemalloc documents both as `uint64_t *`.
