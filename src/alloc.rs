@@ -135,6 +135,9 @@ unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for MemWatch<A> {
                 // allocator (hence from `inner`, since every method
                 // forwards) with `layout`.
                 unsafe { self.inner.dealloc(ptr, layout) }
+            } else if je::large(layout, self.slack) {
+                // SAFETY: as above.
+                unsafe { je::free_large(ptr, layout.size(), self.slack) }
             } else {
                 // SAFETY: as above.
                 unsafe { Self::dealloc_looking(ptr, layout, self) }
@@ -187,6 +190,9 @@ impl<A: GlobalAlloc + 'static> MemWatch<A> {
             return if je::add(layout, self.slack) {
                 // SAFETY: the caller upholds the contract for `layout`.
                 unsafe { self.inner_alloc(layout, zeroed) }
+            } else if je::large(layout, self.slack) {
+                // SAFETY: as above.
+                unsafe { je::alloc_large(layout.size(), zeroed, self.slack) }
             } else {
                 // SAFETY: as above.
                 unsafe { Self::alloc_looking(layout, zeroed, self) }

@@ -18,6 +18,9 @@
 //!   counters, publishes what is not folded yet in the thread's slot, folds
 //!   it into the shared total once it exceeds the thread's share of the
 //!   error budget, and re-centres the level; a reallocation always does;
+//! - a plain call larger than the window takes a path of its own, out of
+//!   line but not cold ([`alloc_large`], [`free_large`]): jemalloc's call,
+//!   then the same look, so the total sees the block at once;
 //! - at the thread's end, what is left is folded and the slot freed.
 //!
 //! Only the owner ever reads its jemalloc counters, so no memory that
@@ -63,18 +66,34 @@ const OUTSIDE: isize = isize::MIN / 2;
 /// The slots of threads whose jemalloc counters memwatch reads.
 static TABLE: Table = Table::new();
 
-thread_local! {
-    // `const` initialisers, no `Drop`: plain thread-local words, usable at
-    // any point of a thread's life. `LEVEL` is the thread's weighted net
-    // since its last look, biased by the window: `0..=2 * window` is the
-    // fast path; it starts far outside, so a thread's first call joins.
-    static LEVEL: Cell<isize> = const { Cell::new(OUTSIDE) };
-    static STATE: Cell<u8> = const { Cell::new(UNREGISTERED) };
-    static SLOT: Cell<*const Slot> = const { Cell::new(ptr::null()) };
-    static ALLOCATED: Cell<*const u64> = const { Cell::new(ptr::null()) };
-    static DEALLOCATED: Cell<*const u64> = const { Cell::new(ptr::null()) };
+/// The calling thread's words, in one thread-local so that code touching
+/// several of them computes the thread-local address once.
+struct Thread {
+    /// The thread's weighted net since its last look, biased by the
+    /// window: `0..=2 * window` is the fast path; it starts far outside,
+    /// so a thread's first call joins.
+    level: Cell<isize>,
+    state: Cell<u8>,
+    slot: Cell<*const Slot>,
+    allocated: Cell<*const u64>,
+    deallocated: Cell<*const u64>,
     /// `allocated - deallocated` as of the last fold (or the join).
-    static FOLDED: Cell<u64> = const { Cell::new(0) };
+    folded: Cell<u64>,
+}
+
+thread_local! {
+    // A `const` initialiser and no `Drop`: plain thread-local words, usable
+    // at any point of a thread's life.
+    static THREAD: Thread = const {
+        Thread {
+            level: Cell::new(OUTSIDE),
+            state: Cell::new(UNREGISTERED),
+            slot: Cell::new(ptr::null()),
+            allocated: Cell::new(ptr::null()),
+            deallocated: Cell::new(ptr::null()),
+            folded: Cell::new(0),
+        }
+    };
 }
 
 /// The alignment jemalloc gives every block without being asked (C's
@@ -129,7 +148,8 @@ pub(crate) fn add(layout: Layout, slack: usize) -> bool {
     // Only plain blocks: the compiler then knows that the call into
     // jemalloc that follows is plain `malloc`, and merges the two tests.
     plain(layout)
-        && LEVEL.with(|l| {
+        && THREAD.with(|t| {
+            let l = &t.level;
             let level = l.get().wrapping_add(weight(layout) as isize);
             // `0 <= level <= 2 * window` as one unsigned compare.
             if level as usize <= 2 * window(slack) {
@@ -146,7 +166,8 @@ pub(crate) fn add(layout: Layout, slack: usize) -> bool {
 #[inline(always)]
 pub(crate) fn take(layout: Layout) -> bool {
     plain(layout)
-        && LEVEL.with(|l| {
+        && THREAD.with(|t| {
+            let l = &t.level;
             let level = l.get().wrapping_sub(weight(layout) as isize);
             if level >= 0 {
                 l.set(level);
@@ -179,8 +200,10 @@ pub(crate) fn before(delta: isize, slack: usize) -> After {
     }
     let window = window(slack);
     if delta.unsigned_abs() <= window {
-        look(fold_size(slack));
-        LEVEL.with(|l| l.set(window as isize + delta));
+        THREAD.with(|t| {
+            look(t, fold_size(slack));
+            t.level.set(window as isize + delta);
+        });
         After::Nothing
     } else {
         After::Look
@@ -199,18 +222,67 @@ pub(crate) enum After {
     CountItself,
 }
 
+/// Whether a plain call larger than the window, on a thread that has its
+/// slot, may skip the cold path: it publishes right after jemalloc returns
+/// ([`after`]), inline.
+#[inline(always)]
+pub(crate) fn large(layout: Layout, slack: usize) -> bool {
+    plain(layout) && layout.size() > window(slack) && THREAD.with(|t| t.state.get()) == ACTIVE
+}
+
+/// A plain allocation (`zeroed`: plain `calloc`) larger than the window,
+/// on a thread with a slot: jemalloc's call, then a look at the thread's
+/// counters, so the total sees the block at once. Out of line but not cold:
+/// a program of 64 KiB blocks takes it on every call.
+///
+/// # Safety
+///
+/// As `GlobalAlloc::alloc` for a layout of `size` bytes for which
+/// [`large`] holds.
+#[inline(never)]
+pub(crate) unsafe fn alloc_large(size: usize, zeroed: bool, slack: usize) -> *mut u8 {
+    // SAFETY: plain `malloc`/`calloc`, as tikv-jemallocator calls them for a
+    // plain layout ([`plain`]); the caller's contract.
+    let ptr = unsafe {
+        if zeroed {
+            sys::calloc(1, size)
+        } else {
+            sys::malloc(size)
+        }
+    };
+    after(slack);
+    ptr.cast()
+}
+
+/// A plain free larger than the window on a thread with a slot; see
+/// [`alloc_large`].
+///
+/// # Safety
+///
+/// As `GlobalAlloc::dealloc`: `block` is a live block of this allocator of
+/// `size` bytes, with a layout for which [`large`] holds.
+#[inline(never)]
+pub(crate) unsafe fn free_large(block: *mut u8, size: usize, slack: usize) {
+    // SAFETY: sized free with no flags, as tikv-jemallocator frees a plain
+    // layout; the caller's contract.
+    unsafe { sys::sdallocx(block.cast(), size, 0) };
+    after(slack);
+}
+
 /// After a call larger than the window: publishes (or folds) at once and
 /// re-centres the level.
-#[inline]
+#[inline(always)]
 pub(crate) fn after(slack: usize) {
-    look(fold_size(slack));
-    LEVEL.with(|l| l.set(window(slack) as isize));
+    THREAD.with(|t| {
+        look(t, fold_size(slack));
+        t.level.set(window(slack) as isize);
+    });
 }
 
 /// Whether the calling thread has a slot, joining if it never tried.
 #[inline]
 fn joined() -> bool {
-    match STATE.with(Cell::get) {
+    match THREAD.with(|t| t.state.get()) {
         ACTIVE => true,
         UNREGISTERED => join(),
         _ => false,
@@ -239,7 +311,7 @@ pub(crate) fn counters_missing() -> bool {
 #[cold]
 #[inline(never)]
 fn join() -> bool {
-    STATE.with(|s| s.set(REGISTERING));
+    THREAD.with(|t| t.state.set(REGISTERING));
     crate::stats::note_jemalloc_inner();
     // SAFETY: jemalloc documents both as `uint64_t *`.
     let counters = unsafe { (read::<*mut u64>(COUNTERS[0]), read::<*mut u64>(COUNTERS[1])) };
@@ -247,30 +319,32 @@ fn join() -> bool {
         // Still counted: each call by its usable size, straight into the
         // total (one shared atomic per call). Relaxed: see the reader.
         COUNTERS_MISSING.store(true, std::sync::atomic::Ordering::Relaxed);
-        STATE.with(|s| s.set(DIRECT));
+        THREAD.with(|t| t.state.set(DIRECT));
         return false;
     };
     let slot = match claim(&TABLE) {
         Ok(slot) => slot,
         Err(state) => {
-            STATE.with(|s| s.set(state));
+            THREAD.with(|t| t.state.set(state));
             return false;
         }
     };
     slot.empty(0);
-    ALLOCATED.with(|c| c.set(a));
-    DEALLOCATED.with(|c| c.set(d));
-    SLOT.with(|s| s.set(slot));
-    FOLDED.with(|f| f.set(net()));
-    STATE.with(|s| s.set(ACTIVE));
+    THREAD.with(|t| {
+        t.allocated.set(a);
+        t.deallocated.set(d);
+        t.slot.set(slot);
+        t.folded.set(net(t));
+        t.state.set(ACTIVE);
+    });
     thread_joined();
     true
 }
 
 /// The calling thread's `allocated - deallocated`, from its own counters.
-#[inline]
-fn net() -> u64 {
-    let (a, d) = (ALLOCATED.with(Cell::get), DEALLOCATED.with(Cell::get));
+#[inline(always)]
+fn net(t: &Thread) -> u64 {
+    let (a, d) = (t.allocated.get(), t.deallocated.get());
     // SAFETY: only called on an `ACTIVE` thread, whose two pointers jemalloc
     // gave for this very thread: they point into its thread-specific data,
     // which lives in the thread's static thread-local block until the thread
@@ -281,46 +355,57 @@ fn net() -> u64 {
 
 /// Publishes what the thread counted since its last fold, folding it into
 /// the total once it exceeds `fold` bytes either way.
-#[inline]
-fn look(fold: usize) {
+#[inline(always)]
+fn look(t: &Thread, fold: usize) {
     #[cfg(test)]
     LOOKS.with(|l| l.set(l.get() + 1));
-    let net = net();
-    let pending = net.wrapping_sub(FOLDED.with(Cell::get)) as isize;
+    let net = net(t);
+    let pending = net.wrapping_sub(t.folded.get()) as isize;
     // SAFETY: an `ACTIVE` thread's slot, claimed by it and held until it
     // frees it in `leave`; slots are never unmapped.
-    let slot = unsafe { &*SLOT.with(Cell::get) };
+    let slot = unsafe { &*t.slot.get() };
     if pending.unsigned_abs() > fold {
-        FOLDED.with(|f| f.set(net));
-        observe(slot.fold_published(&TOTAL, pending));
+        fold_now(t, slot, net, pending);
     } else {
         slot.publish(pending);
     }
 }
 
+/// [`look`]'s fold, out of line.
+#[cold]
+#[inline(never)]
+fn fold_now(t: &Thread, slot: &Slot, net: u64, pending: isize) {
+    t.folded.set(net);
+    observe(slot.fold_published(&TOTAL, pending));
+}
+
 /// Publishes the calling thread's count, so that a reading it takes is
 /// exact for its own calls.
 pub(crate) fn publish_own() {
-    if STATE.with(Cell::get) == ACTIVE {
-        // `usize::MAX`: publish only; any fold waits for the next look.
-        look(usize::MAX);
-    }
+    THREAD.with(|t| {
+        if t.state.get() == ACTIVE {
+            // `usize::MAX`: publish only; any fold waits for the next look.
+            look(t, usize::MAX);
+        }
+    });
 }
 
 /// The calling thread's end (from the exit key's destructor): folds all it
 /// counted and frees its slot. Later calls count themselves.
 pub(crate) fn leave() {
-    if STATE.with(Cell::get) != ACTIVE {
-        STATE.with(|s| s.set(DIRECT));
-        return;
+    let slot = THREAD.with(|t| {
+        if t.state.replace(DIRECT) != ACTIVE {
+            return None;
+        }
+        look(t, 0);
+        t.level.set(OUTSIDE);
+        Some(t.slot.replace(ptr::null()))
+    });
+    if let Some(slot) = slot {
+        // SAFETY: as in `look`.
+        TABLE.release(unsafe { &*slot });
+        thread_left();
     }
-    look(0);
-    STATE.with(|s| s.set(DIRECT));
-    LEVEL.with(|l| l.set(OUTSIDE));
-    let slot = SLOT.with(|s| s.replace(ptr::null()));
-    // SAFETY: as in `look`.
-    TABLE.release(unsafe { &*slot });
-    thread_left();
 }
 
 /// Adds every taken slot's published delta to `sum`, and the positive ones
@@ -333,7 +418,7 @@ pub(crate) fn add_pending(sum: &mut isize, ahead: &mut isize) {
 /// returns how many it freed. What the other threads did since they last
 /// published is lost: at most 60 KiB each.
 pub(crate) fn forget_other_threads() -> usize {
-    TABLE.forget_all_but(SLOT.with(Cell::get), &TOTAL)
+    TABLE.forget_all_but(THREAD.with(|t| t.slot.get()), &TOTAL)
 }
 
 /// The usable size jemalloc gives `block`: what a call of a thread without

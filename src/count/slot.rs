@@ -147,6 +147,7 @@ impl Slot {
     /// elsewhere that the owner reads itself. Owner only; ordered for
     /// readers by the fence of the fold before it.
     #[cfg_attr(not(any(loom, memwatch_jemalloc_counts)), allow(dead_code))]
+    #[inline]
     pub(crate) fn publish(&self, pending: isize) {
         // Relaxed: see above.
         self.level.store(pending, Relaxed);

@@ -152,3 +152,43 @@ fn a_slack_below_64_kib_looks_and_folds_that_much_sooner() {
         })
     }
 }
+
+/// A block larger than the window is published as soon as jemalloc
+/// returns it, and its free as soon as jemalloc takes it back: another
+/// thread's reading sees both while the owner sits idle.
+#[test]
+fn blocks_larger_than_the_window_are_seen_by_other_threads_at_once() {
+    use std::sync::mpsc;
+    serial(|| {
+        let start = counter::live_bytes();
+        let (to_owner, owner_rx) = mpsc::channel::<()>();
+        let (to_reader, reader_rx) = mpsc::channel::<usize>();
+        let owner = std::thread::spawn(move || {
+            // Join first, so that the block takes the large path.
+            free(&JE, alloc(&JE, 16));
+            let b = alloc(&JE, 1 << 20);
+            to_reader.send(usable(&b)).unwrap();
+            owner_rx.recv().unwrap();
+            free(&JE, b);
+            to_reader.send(0).unwrap();
+            owner_rx.recv().unwrap();
+        });
+        let size = reader_rx.recv().unwrap();
+        let held = counter::live_bytes() - start;
+        let slop = UNPUBLISHED as isize;
+        assert!(
+            (held - size as isize).abs() <= slop,
+            "the idle owner holds {size} B, the reading moved by {held}"
+        );
+        to_owner.send(()).unwrap();
+        reader_rx.recv().unwrap();
+        let after = counter::live_bytes() - start;
+        assert!(
+            after.abs() <= slop,
+            "freed, the reading still moved by {after}"
+        );
+        to_owner.send(()).unwrap();
+        owner.join().unwrap();
+        assert_eq!(counter::live_bytes(), start);
+    })
+}
