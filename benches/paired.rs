@@ -334,7 +334,7 @@ fn workload<const SIZE: usize>(threads: usize, n_rounds: usize, all: bool, rows:
 }
 
 /// `MEMWATCH_PAIRED_QUICK=16,65536`: only memwatch over jemalloc, only
-/// these sizes, 201 rounds, nothing written. For trying a change to the
+/// these sizes, 1001 rounds, nothing written. For trying a change to the
 /// fast path in a minute rather than the whole table's quarter hour.
 fn quick() -> Option<Vec<usize>> {
     let sizes = std::env::var("MEMWATCH_PAIRED_QUICK").ok()?;
