@@ -135,9 +135,9 @@ unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for MemWatch<A> {
                 // allocator (hence from `inner`, since every method
                 // forwards) with `layout`.
                 unsafe { self.inner.dealloc(ptr, layout) }
-            } else if je::large(layout, self.slack) {
+            } else if layout.size() > je::WINDOW {
                 // SAFETY: as above.
-                unsafe { je::free_large(ptr, layout.size(), self.slack) }
+                unsafe { Self::dealloc_large(ptr, layout, self) }
             } else {
                 // SAFETY: as above.
                 unsafe { Self::dealloc_looking(ptr, layout, self) }
@@ -190,9 +190,9 @@ impl<A: GlobalAlloc + 'static> MemWatch<A> {
             return if je::add(layout, self.slack) {
                 // SAFETY: the caller upholds the contract for `layout`.
                 unsafe { self.inner_alloc(layout, zeroed) }
-            } else if je::large(layout, self.slack) {
+            } else if layout.size() > je::WINDOW {
                 // SAFETY: as above.
-                unsafe { je::alloc_large(layout.size(), zeroed, self.slack) }
+                unsafe { Self::alloc_large(layout, zeroed, self) }
             } else {
                 // SAFETY: as above.
                 unsafe { Self::alloc_looking(layout, zeroed, self) }
@@ -294,6 +294,37 @@ impl<A: GlobalAlloc + 'static> MemWatch<A> {
     /// # Safety
     ///
     /// As [`GlobalAlloc::alloc`] (or `alloc_zeroed` if `zeroed`).
+    /// An allocation off the fast path that is larger than the window: a
+    /// plain block on a thread with a slot takes jemalloc's call and then a
+    /// look (a program of 64 KiB blocks comes here on every call); anything
+    /// else goes on to the cold path. `#[cold]` for the fast path's sake: the
+    /// compiler then keeps the fast path's tests as plain branches.
+    #[cold]
+    #[inline(never)]
+    unsafe fn alloc_large(layout: Layout, zeroed: bool, this: &Self) -> *mut u8 {
+        if je::large(layout, this.slack) {
+            // SAFETY: the caller upholds the contract for `layout`.
+            unsafe { je::alloc_large(layout.size(), zeroed, this.slack) }
+        } else {
+            // SAFETY: as above.
+            unsafe { Self::alloc_looking(layout, zeroed, this) }
+        }
+    }
+
+    /// A free off the fast path that is larger than the window; see
+    /// [`Self::alloc_large`].
+    #[cold]
+    #[inline(never)]
+    unsafe fn dealloc_large(ptr: *mut u8, layout: Layout, this: &Self) {
+        if je::large(layout, this.slack) {
+            // SAFETY: the caller's contract for `dealloc`.
+            unsafe { je::free_large(ptr, layout.size(), this.slack) }
+        } else {
+            // SAFETY: as above.
+            unsafe { Self::dealloc_looking(ptr, layout, this) }
+        }
+    }
+
     #[cold]
     #[inline(never)]
     unsafe fn alloc_looking(layout: Layout, zeroed: bool, this: &Self) -> *mut u8 {

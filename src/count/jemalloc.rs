@@ -18,9 +18,9 @@
 //!   counters, publishes what is not folded yet in the thread's slot, folds
 //!   it into the shared total once it exceeds the thread's share of the
 //!   error budget, and re-centres the level; a reallocation always does;
-//! - a plain call larger than the window takes a path of its own, out of
-//!   line but not cold ([`alloc_large`], [`free_large`]): jemalloc's call,
-//!   then the same look, so the total sees the block at once;
+//! - a plain call larger than the window takes a short path of its own
+//!   ([`alloc_large`], [`free_large`]): jemalloc's call, then the same
+//!   look, so the total sees the block at once;
 //! - at the thread's end, what is left is folded and the slot freed.
 //!
 //! Only the owner ever reads its jemalloc counters, so no memory that
@@ -232,14 +232,14 @@ pub(crate) fn large(layout: Layout, slack: usize) -> bool {
 
 /// A plain allocation (`zeroed`: plain `calloc`) larger than the window,
 /// on a thread with a slot: jemalloc's call, then a look at the thread's
-/// counters, so the total sees the block at once. Out of line but not cold:
-/// a program of 64 KiB blocks takes it on every call.
+/// counters, so the total sees the block at once. Inlined into the
+/// allocator's own out-of-line path for large calls.
 ///
 /// # Safety
 ///
 /// As `GlobalAlloc::alloc` for a layout of `size` bytes for which
 /// [`large`] holds.
-#[inline(never)]
+#[inline(always)]
 pub(crate) unsafe fn alloc_large(size: usize, zeroed: bool, slack: usize) -> *mut u8 {
     // SAFETY: plain `malloc`/`calloc`, as tikv-jemallocator calls them for a
     // plain layout ([`plain`]); the caller's contract.
@@ -261,7 +261,7 @@ pub(crate) unsafe fn alloc_large(size: usize, zeroed: bool, slack: usize) -> *mu
 ///
 /// As `GlobalAlloc::dealloc`: `block` is a live block of this allocator of
 /// `size` bytes, with a layout for which [`large`] holds.
-#[inline(never)]
+#[inline(always)]
 pub(crate) unsafe fn free_large(block: *mut u8, size: usize, slack: usize) {
     // SAFETY: sized free with no flags, as tikv-jemallocator frees a plain
     // layout; the caller's contract.
