@@ -232,14 +232,15 @@ pub(crate) fn large(layout: Layout, slack: usize) -> bool {
 
 /// A plain allocation (`zeroed`: plain `calloc`) larger than the window,
 /// on a thread with a slot: jemalloc's call, then a look at the thread's
-/// counters, so the total sees the block at once. Inlined into the
-/// allocator's own out-of-line path for large calls.
+/// counters, so the total sees the block at once. Out of line and not
+/// cold: inlined into the allocator's cold dispatch, this same code read
+/// 1.04x to 1.09x bare jemalloc on 64 KiB pairs instead of 1.03x.
 ///
 /// # Safety
 ///
 /// As `GlobalAlloc::alloc` for a layout of `size` bytes for which
 /// [`large`] holds.
-#[inline(always)]
+#[inline(never)]
 pub(crate) unsafe fn alloc_large(size: usize, zeroed: bool, slack: usize) -> *mut u8 {
     // SAFETY: plain `malloc`/`calloc`, as tikv-jemallocator calls them for a
     // plain layout ([`plain`]); the caller's contract.
@@ -261,7 +262,7 @@ pub(crate) unsafe fn alloc_large(size: usize, zeroed: bool, slack: usize) -> *mu
 ///
 /// As `GlobalAlloc::dealloc`: `block` is a live block of this allocator of
 /// `size` bytes, with a layout for which [`large`] holds.
-#[inline(always)]
+#[inline(never)]
 pub(crate) unsafe fn free_large(block: *mut u8, size: usize, slack: usize) {
     // SAFETY: sized free with no flags, as tikv-jemallocator frees a plain
     // layout; the caller's contract.
