@@ -14,6 +14,7 @@ use std::io::Write;
 use std::time::Duration;
 
 pub mod audit;
+pub mod cgroup;
 pub mod scenarios;
 pub mod wal;
 

@@ -10,95 +10,14 @@
 mod common;
 
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use allocator_tests::cgroup::{cgroup_or_skip, skip_or_fail, Cgroup};
 use allocator_tests::wal;
 use common::{bin_path, scratch, THRESHOLD};
 
 const LIMIT_MIB: u64 = 256;
-
-/// A memory cgroup created for the test and removed when dropped.
-struct Cgroup {
-    dir: PathBuf,
-    version: u8,
-}
-
-impl Cgroup {
-    fn create(name: &str, limit_bytes: u64) -> Result<Cgroup, String> {
-        let v1 = Path::new("/sys/fs/cgroup/memory");
-        let v2 = Path::new("/sys/fs/cgroup/cgroup.controllers");
-        if v1.join("memory.limit_in_bytes").exists() {
-            let dir = v1.join(name);
-            std::fs::create_dir(&dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
-            let cg = Cgroup { dir, version: 1 };
-            cg.write("memory.limit_in_bytes", &limit_bytes.to_string())?;
-            // No swap on top of the limit, where swap accounting exists.
-            let _ = cg.write("memory.memsw.limit_in_bytes", &limit_bytes.to_string());
-            let _ = cg.write("memory.swappiness", "0");
-            Ok(cg)
-        } else if v2.exists() {
-            let root = Path::new("/sys/fs/cgroup");
-            let controllers = std::fs::read_to_string(v2).unwrap_or_default();
-            if !controllers.split_whitespace().any(|c| c == "memory") {
-                return Err("cgroup v2 without the memory controller".into());
-            }
-            let _ = std::fs::write(root.join("cgroup.subtree_control"), "+memory");
-            let dir = root.join(name);
-            std::fs::create_dir(&dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
-            let cg = Cgroup { dir, version: 2 };
-            cg.write("memory.max", &limit_bytes.to_string())?;
-            let _ = cg.write("memory.swap.max", "0");
-            Ok(cg)
-        } else {
-            Err("no cgroup v1 memory controller and no cgroup v2 at /sys/fs/cgroup".into())
-        }
-    }
-
-    fn write(&self, file: &str, value: &str) -> Result<(), String> {
-        std::fs::write(self.dir.join(file), value)
-            .map_err(|e| format!("write {value} to {}: {e}", self.dir.join(file).display()))
-    }
-
-    /// A command that enters this cgroup before it execs `bin`.
-    fn command(&self, bin: &Path, args: &[&str]) -> Command {
-        let procs = self.dir.join("cgroup.procs");
-        let mut cmd = Command::new("sh");
-        cmd.arg("-c")
-            .arg(format!(
-                "echo $$ > '{}' && exec \"$0\" \"$@\"",
-                procs.display()
-            ))
-            .arg(bin)
-            .args(args);
-        cmd
-    }
-
-    fn oom_kills(&self) -> Option<u64> {
-        let (file, key) = match self.version {
-            1 => ("memory.oom_control", "oom_kill"),
-            _ => ("memory.events", "oom_kill"),
-        };
-        let text = std::fs::read_to_string(self.dir.join(file)).ok()?;
-        text.lines().find_map(|l| {
-            let (k, v) = l.split_once(' ')?;
-            (k == key).then(|| v.trim().parse().ok())?
-        })
-    }
-}
-
-impl Drop for Cgroup {
-    fn drop(&mut self) {
-        for _ in 0..50 {
-            if std::fs::remove_dir(&self.dir).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        eprintln!("could not remove {}", self.dir.display());
-    }
-}
 
 /// One run of the workload and what it left.
 struct Outcome {
@@ -152,28 +71,6 @@ fn run_workload(name: &str, threshold_mib: Option<u64>) -> Result<Outcome, Strin
     };
     let _ = std::fs::remove_dir_all(&dir);
     Ok(outcome)
-}
-
-/// A cgroup for one test, or `None` after `skip_or_fail` where the machine
-/// has none to give.
-fn cgroup_or_skip(test: &str, limit_bytes: u64) -> Option<Cgroup> {
-    match Cgroup::create(
-        &format!("memwatch-test-{test}-{}", std::process::id()),
-        limit_bytes,
-    ) {
-        Ok(cg) => Some(cg),
-        Err(why) => {
-            skip_or_fail(&why);
-            None
-        }
-    }
-}
-
-fn skip_or_fail(why: &str) {
-    if std::env::var("MEMWATCH_REQUIRE_CGROUP").as_deref() == Ok("1") {
-        panic!("a memory cgroup is required here (MEMWATCH_REQUIRE_CGROUP=1): {why}");
-    }
-    eprintln!("SKIPPED: cannot create a memory cgroup: {why}");
 }
 
 fn assert_every_ack_recovered(o: &Outcome) {

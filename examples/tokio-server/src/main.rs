@@ -41,8 +41,15 @@ use tokio_util::sync::CancellationToken;
 
 mod metrics;
 
+#[cfg(not(feature = "bare-jemalloc"))]
 #[global_allocator]
 static GLOBAL: memwatch::MemWatch = memwatch::MemWatch::new(memwatch::Jemalloc);
+
+// The benchmark's baseline (`--features bare-jemalloc`): the same server
+// over jemalloc alone. memwatch's readings are then all zero.
+#[cfg(feature = "bare-jemalloc")]
+#[global_allocator]
+static GLOBAL: memwatch::Jemalloc = memwatch::Jemalloc;
 
 /// The server's state, shared by every handler.
 #[derive(Clone, Default)]

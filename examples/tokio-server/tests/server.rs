@@ -1,10 +1,14 @@
 //! The tokio server as a process, driven over HTTP by a real client
 //! (`ureq`): it sheds writes with 503 above the soft level, trips at the
 //! threshold, answers every request it accepted and exits 2; `/metrics`
-//! serves memwatch's figures; SIGTERM drains and exits 0.
+//! serves memwatch's figures; SIGTERM drains and exits 0; in a real memory
+//! cgroup it exits 2 where the kernel's OOM-killer ends it without memwatch.
 
 use std::io::{BufRead, BufReader};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
+
+use allocator_tests::cgroup::cgroup_or_skip;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::mpsc::{self, Receiver};
 use std::sync::Arc;
@@ -21,7 +25,13 @@ struct Server {
 }
 
 fn start(env: &[(&str, &str)]) -> Server {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tokio-server"));
+    start_with(Command::new(SERVER), env)
+}
+
+const SERVER: &str = env!("CARGO_BIN_EXE_tokio-server");
+
+/// Starts `cmd` (the server, or a shell that execs it) with `env`.
+fn start_with(mut cmd: Command, env: &[(&str, &str)]) -> Server {
     for var in [
         "ELASTICKV_MEMORY_SHUTDOWN_THRESHOLD_MB",
         "ELASTICKV_MEMORY_SHUTDOWN_THRESHOLD_RATIO",
@@ -113,14 +123,12 @@ fn drained(lines: &[String]) -> [u64; 4] {
     [n[0], n[1], n[2], n[3]]
 }
 
-#[test]
-fn sheds_with_503_then_trips_answers_every_accepted_request_and_exits_2() {
-    let server = start(&[
-        ("ELASTICKV_MEMORY_SHUTDOWN_THRESHOLD_MB", "160"),
-        ("ELASTICKV_MEMORY_SHED_THRESHOLD_MB", "96"),
-        ("ELASTICKV_MEMORY_SHUTDOWN_GRACE", "10s"),
-    ]);
-    let url = Arc::new(server.url.clone());
+/// Four clients write 64 KiB values: ordinary writes until the server sheds
+/// one, then writes it never sheds (`x-priority: high`), which take the heap
+/// on, until the server stops accepting. Returns the writes stored, shed
+/// with 503, and refused once the server was draining.
+fn drive(url: &str) -> [u64; 3] {
+    let url = Arc::new(url.to_string());
     let shed_seen = Arc::new(AtomicBool::new(false));
     let (ok, shed, refused) = (
         Arc::new(AtomicU64::new(0)),
@@ -173,14 +181,23 @@ fn sheds_with_503_then_trips_answers_every_accepted_request_and_exits_2() {
     for c in clients {
         c.join().unwrap();
     }
+    [ok.load(SeqCst), shed.load(SeqCst), refused.load(SeqCst)]
+}
+
+#[test]
+fn sheds_with_503_then_trips_answers_every_accepted_request_and_exits_2() {
+    let server = start(&[
+        ("ELASTICKV_MEMORY_SHUTDOWN_THRESHOLD_MB", "160"),
+        ("ELASTICKV_MEMORY_SHED_THRESHOLD_MB", "96"),
+        ("ELASTICKV_MEMORY_SHUTDOWN_GRACE", "10s"),
+    ]);
+    let [ok, shed, refused] = drive(&server.url);
     let (code, lines, stderr) = server.finish(Duration::from_secs(30));
     let [started, answered, stored, shed_by_server] = drained(&lines);
-    let (ok, shed) = (ok.load(SeqCst), shed.load(SeqCst));
     println!(
-        "client: {ok} stored, {shed} shed with 503, {} refused once draining; \
+        "client: {ok} stored, {shed} shed with 503, {refused} refused once draining; \
          server: {started} started, {answered} answered, {stored} stored, {shed_by_server} shed; \
-         exit {code:?}",
-        refused.load(SeqCst)
+         exit {code:?}"
     );
     assert_eq!(code, Some(2), "{stderr}");
     assert!(
@@ -250,4 +267,47 @@ fn metrics_serve_memwatch_figures_and_sigterm_drains_with_exit_0() {
     let [started, answered, stored, _] = drained(&lines);
     assert_eq!(started, answered);
     assert_eq!(stored, 1);
+}
+
+/// In a real 256 MiB memory cgroup: without memwatch's levels the kernel's
+/// OOM-killer ends the server; with levels at 0.6 and 0.4 of the cgroup's
+/// limit, the server sheds, trips, answers every request it accepted and
+/// exits 2, and the kernel never acts.
+#[test]
+fn in_a_memory_cgroup_exits_2_where_the_kernel_oom_kills() {
+    for ratio in [None, Some("0.6")] {
+        let name = format!("tokio-{}-{}", ratio.unwrap_or("off"), std::process::id());
+        let Some(cg) = cgroup_or_skip(&name, 256 << 20) else {
+            return;
+        };
+        let mut env = vec![("ELASTICKV_MEMORY_SHUTDOWN_GRACE", "10s")];
+        if let Some(r) = ratio {
+            env.push(("ELASTICKV_MEMORY_SHUTDOWN_THRESHOLD_RATIO", r));
+            env.push(("ELASTICKV_MEMORY_SHED_THRESHOLD_RATIO", "0.4"));
+        }
+        let server = start_with(cg.command(Path::new(SERVER), &[]), &env);
+        let [ok, shed, refused] = drive(&server.url);
+        let (code, lines, stderr) = server.finish(Duration::from_secs(60));
+        let kills = cg.oom_kills();
+        println!(
+            "{name}: exit {code:?}, oom_kill {kills:?}; client: {ok} stored, {shed} shed, \
+             {refused} refused; {lines:?}"
+        );
+        match ratio {
+            None => {
+                assert_eq!(code, None, "the kernel kills it: {stderr}");
+                assert!(kills >= Some(1), "oom_kill {kills:?}: {stderr}");
+            }
+            Some(_) => {
+                assert_eq!(code, Some(2), "{stderr}");
+                assert_eq!(kills, Some(0), "the kernel acted: {stderr}");
+                assert!(stderr.contains("memory limit 268435456 bytes"), "{stderr}");
+                let [started, answered, stored, shed_by_server] = drained(&lines);
+                assert!(shed > 0, "no write was shed");
+                assert_eq!(started, answered);
+                assert_eq!(stored, ok);
+                assert_eq!(shed_by_server, shed);
+            }
+        }
+    }
 }
