@@ -29,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "target", "criterion", "memwatch-tokio-paired.json")
 BIN = os.path.join(ROOT, "target", "tokio-paired")
 PAIRS = 6
-TURNS = 16
+TURNS = 12
 TURN_S = 1
 
 
