@@ -17,10 +17,11 @@ Usage: python3 benches/kv_paired.py [--pairs P] [--rounds R]
 """
 
 import json
-import math
 import os
 import subprocess
 import sys
+
+from paired_processes import line, median, summary, turns
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "target", "criterion", "memwatch-kv-paired.json")
@@ -72,21 +73,10 @@ def pair_median(base, other, rounds):
     a, b = Churn(base), Churn(other)
     a.wait_ready()
     b.wait_ready()
-    ratios, base_ns = [], []
-    for i in range(rounds):
-        if i % 2 == 0:
-            t_base, t_other = a.run(OPS), b.run(OPS)
-        else:
-            t_other, t_base = b.run(OPS), a.run(OPS)
-        ratios.append(t_other / t_base)
-        base_ns.append(t_base)
+    times = turns(lambda: a.run(OPS), lambda: b.run(OPS), rounds)
     a.close()
     b.close()
-    return median(ratios), median(base_ns)
-
-
-def median(xs):
-    return sorted(xs)[len(xs) // 2]
+    return median([o / t for t, o in times]), median([t for t, _ in times])
 
 
 def main():
@@ -101,20 +91,10 @@ def main():
             m, ns = pair_median(exes[BASE], exes[name], rounds)
             medians.append(m)
             base_ns.append(ns)
-        logs = [math.log(m) for m in medians]
-        mean = sum(logs) / len(logs)
-        # A 90% interval for the geometric mean (normal approximation in log
-        # space): how far this run's figure can be trusted.
-        sd = math.sqrt(sum((x - mean) ** 2 for x in logs) / max(len(logs) - 1, 1))
-        half = 1.645 * sd / math.sqrt(len(logs))
-        geo = math.exp(mean)
         label = name[3:].replace("_", "-")
-        results[label] = {"ratio": geo, "ci_low": math.exp(mean - half), "ci_high": math.exp(mean + half),
-                          "low": min(medians), "high": max(medians),
-                          "pairs": pairs, "rounds": rounds, "ops": OPS,
-                          "base_ms": median(base_ns) / 1e6}
-        print("%-18s %.3fx (90%% interval %.3f-%.3f; pairs %.3f-%.3f)" % (
-            label, geo, math.exp(mean - half), math.exp(mean + half), min(medians), max(medians)))
+        results[label] = dict(summary(medians), pairs=pairs, rounds=rounds, ops=OPS,
+                              base_ms=median(base_ns) / 1e6)
+        print(line(label, results[label]))
     os.makedirs(os.path.dirname(OUT), exist_ok=True)
     json.dump(results, open(OUT, "w"), indent=1)
 

@@ -65,17 +65,17 @@ def table(results):
     return "\n".join(lines)
 
 
-def kv_table():
-    path = os.path.join(CRIT, "memwatch-kv-paired.json")
+def process_table(file, missing, intro, order):
+    """A paired whole-program table from `file`: `intro(any_row)` above it,
+    one row per allocator of `order` that the file has."""
+    path = os.path.join(CRIT, file)
     if not os.path.exists(path):
-        return "(kv churn not run: python3 benches/kv_paired.py)"
+        return missing
     r = json.load(open(path))
-    any_row = next(iter(r.values()))
-    lines = ["%d pairs of processes, %d turns of %d operations each; bare jemalloc took %.2f ms per turn (median)."
-             % (any_row["pairs"], any_row["rounds"], any_row["ops"], any_row["base_ms"]), "",
+    lines = [intro(next(iter(r.values()))), "",
              "| global allocator | vs jemalloc (geometric mean) | 90% interval | lowest – highest pair |",
              "|---|---|---|---|"]
-    for a in KV_ORDER:
+    for a in order:
         if a in r:
             c = r[a]
             name = "jemalloc (control: a second process)" if a == "jemalloc" else a
@@ -84,25 +84,22 @@ def kv_table():
     return "\n".join(lines)
 
 
+def kv_table():
+    return process_table(
+        "memwatch-kv-paired.json", "(kv churn not run: python3 benches/kv_paired.py)",
+        lambda r: "%d pairs of processes, %d turns of %d operations each; bare jemalloc took %.2f ms per "
+                  "turn (median)." % (r["pairs"], r["rounds"], r["ops"], r["base_ms"]),
+        KV_ORDER)
+
+
 def tokio_table():
-    path = os.path.join(CRIT, "memwatch-tokio-paired.json")
-    if not os.path.exists(path):
-        return "(tokio server not run: python3 benches/tokio_paired.py)"
-    r = json.load(open(path))
-    any_row = next(iter(r.values()))
-    lines = ["%d pairs of processes, %d turns of %d s each under `wrk -t1 -c16` (GET of a 1 KiB value); "
-             "bare jemalloc served %.0f requests per second (median turn). The ratio is bare jemalloc's "
-             "requests per second over the other's: above 1, the other is slower."
-             % (any_row["pairs"], any_row["turns"], any_row["turn_s"], any_row["base_rps"]), "",
-             "| global allocator | vs jemalloc (geometric mean) | 90% interval | lowest – highest pair |",
-             "|---|---|---|---|"]
-    for a in ["jemalloc", "memwatch"]:
-        if a in r:
-            c = r[a]
-            name = "jemalloc (control: a second process)" if a == "jemalloc" else "memwatch-jemalloc"
-            lines.append("| %s | %.3fx | %.3f – %.3f | %.3f – %.3f |"
-                         % (name, c["ratio"], c["ci_low"], c["ci_high"], c["low"], c["high"]))
-    return "\n".join(lines)
+    return process_table(
+        "memwatch-tokio-paired.json", "(tokio server not run: python3 benches/tokio_paired.py)",
+        lambda r: "%d pairs of processes, %d turns of %d s each under `wrk -t1 -c16` (GET of a 1 KiB "
+                  "value); bare jemalloc served %.0f requests per second (median turn). The ratio is bare "
+                  "jemalloc's requests per second over the other's: above 1, the other is slower."
+                  % (r["pairs"], r["turns"], r["turn_s"], r["base_rps"]),
+        ["jemalloc", "memwatch-jemalloc"])
 
 
 def extra():

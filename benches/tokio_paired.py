@@ -18,12 +18,13 @@ Usage: python3 benches/tokio_paired.py [--pairs P] [--turns T] [--turn SECONDS]
 """
 
 import json
-import math
 import os
 import re
 import shutil
 import subprocess
 import sys
+
+from paired_processes import line, median, summary, turns
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "target", "criterion", "memwatch-tokio-paired.json")
@@ -76,52 +77,33 @@ class Server:
             raise RuntimeError("a tokio-server did not stop cleanly")
 
 
-def pair_median(base, other, turns, seconds):
+def pair_median(base, other, n, seconds):
     a, b = Server(base), Server(other)
     a.load(1)  # warm both up: connections, tcache, the runtime's threads
     b.load(1)
-    ratios, base_rps = [], []
-    for i in range(turns):
-        if i % 2 == 0:
-            r_base, r_other = a.load(seconds), b.load(seconds)
-        else:
-            r_other, r_base = b.load(seconds), a.load(seconds)
-        ratios.append(r_base / r_other)
-        base_rps.append(r_base)
+    rps = turns(lambda: a.load(seconds), lambda: b.load(seconds), n)
     a.close()
     b.close()
-    return median(ratios), median(base_rps)
-
-
-def median(xs):
-    return sorted(xs)[len(xs) // 2]
+    return median([r_base / r_other for r_base, r_other in rps]), median([r for r, _ in rps])
 
 
 def main():
     args = sys.argv[1:]
     opt = lambda flag, default: type(default)(args[args.index(flag) + 1]) if flag in args else default
-    pairs, turns, seconds = opt("--pairs", PAIRS), opt("--turns", TURNS), opt("--turn", TURN_S)
+    pairs, turns_per_pair, seconds = opt("--pairs", PAIRS), opt("--turns", TURNS), opt("--turn", TURN_S)
     if shutil.which("wrk") is None:
         sys.exit("tokio_paired.py needs wrk (apt-get install wrk)")
     exes = build()
     results = {}
-    for name in ["jemalloc", "memwatch"]:
+    for name, label in [("jemalloc", "jemalloc"), ("memwatch", "memwatch-jemalloc")]:
         medians, base_rps = [], []
         for _ in range(pairs):
-            m, rps = pair_median(exes["jemalloc"], exes[name], turns, seconds)
+            m, rps = pair_median(exes["jemalloc"], exes[name], turns_per_pair, seconds)
             medians.append(m)
             base_rps.append(rps)
-        logs = [math.log(m) for m in medians]
-        mean = sum(logs) / len(logs)
-        sd = math.sqrt(sum((x - mean) ** 2 for x in logs) / max(len(logs) - 1, 1))
-        half = 1.645 * sd / math.sqrt(len(logs))
-        geo = math.exp(mean)
-        results[name] = {"ratio": geo, "ci_low": math.exp(mean - half), "ci_high": math.exp(mean + half),
-                         "low": min(medians), "high": max(medians), "pairs": pairs, "turns": turns,
-                         "turn_s": seconds, "base_rps": median(base_rps)}
-        print("%-9s %.3fx (90%% interval %.3f-%.3f; pairs %.3f-%.3f), bare jemalloc %.0f req/s" % (
-            name, geo, math.exp(mean - half), math.exp(mean + half), min(medians), max(medians),
-            median(base_rps)))
+        results[label] = dict(summary(medians), pairs=pairs, turns=turns_per_pair, turn_s=seconds,
+                              base_rps=median(base_rps))
+        print(line(label, results[label]) + ", bare jemalloc %.0f req/s" % median(base_rps))
     os.makedirs(os.path.dirname(OUT), exist_ok=True)
     json.dump(results, open(OUT, "w"), indent=1)
 
