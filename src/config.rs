@@ -25,6 +25,12 @@ pub const SHED_ENV: &str = "ELASTICKV_MEMORY_SHED_THRESHOLD_MB";
 /// The soft level as a fraction in (0, 1] of the effective memory limit.
 pub const SHED_RATIO_ENV: &str = "ELASTICKV_MEMORY_SHED_THRESHOLD_RATIO";
 
+/// The kernel trigger's level, as a fraction in (0, 1] of the memory
+/// cgroup's limit: the shutdown starts when the part of the cgroup's charge
+/// that reclaim cannot free (everything but file cache) reaches it. Off by
+/// default; it needs a shutdown threshold too.
+pub const CGROUP_RATIO_ENV: &str = "ELASTICKV_MEMORY_CGROUP_THRESHOLD_RATIO";
+
 /// How far below the soft level usage must fall to leave it, in percent of
 /// the level: 10, so a 1000 MiB level is left below 900 MiB. Enough that a
 /// heap oscillating around the level by a request's worth does not flap.
@@ -255,6 +261,8 @@ pub(crate) struct EnvConfig {
     pub(crate) grace: Duration,
     /// How often to re-read the memory limit, or why it is read only once.
     pub(crate) limit_recheck: Result<Duration, ConfigError>,
+    /// The kernel trigger's ratio, or the reason it is off.
+    pub(crate) cgroup_ratio: Result<Option<f64>, ConfigError>,
     /// Warnings that leave the configuration on (both forms of a level set).
     pub(crate) notes: Vec<String>,
 }
@@ -303,11 +311,17 @@ pub(crate) fn from_env() -> Result<EnvConfig, ConfigError> {
             Some(raw) => parse_limit_recheck(&raw),
             None => Ok(DEFAULT_LIMIT_RECHECK),
         });
+    let cgroup_ratio =
+        read(CGROUP_RATIO_ENV, ConfigErrorKind::NotARatio).and_then(|raw| match raw {
+            Some(raw) => parse_ratio(CGROUP_RATIO_ENV, &raw),
+            None => Ok(None),
+        });
     Ok(EnvConfig {
         threshold,
         shed,
         grace,
         limit_recheck,
+        cgroup_ratio,
         notes,
     })
 }

@@ -294,6 +294,18 @@ mod process {
         }
     }
 
+    /// Trips the latch from outside a fold without waking the watchdog;
+    /// true for the one caller that set it, which then wakes it with
+    /// [`wake_watchdog`] once it has recorded why (the kernel trigger).
+    pub(crate) fn trip_only(now: isize) -> bool {
+        LATCH.trip(now)
+    }
+
+    /// Wakes the watchdog thread.
+    pub(crate) fn wake_watchdog() {
+        wake();
+    }
+
     /// Enters or leaves pressure from outside a fold.
     pub(crate) fn shift_now(to: bool) {
         if LATCH.shift(to) {

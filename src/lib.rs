@@ -155,6 +155,9 @@ mod sync;
 /// Environment variables and their parsing.
 #[cfg(not(loom))]
 mod config;
+/// The kernel-pushed trigger: the memory cgroup's unreclaimable charge.
+#[cfg(not(loom))]
+mod kernel_trigger;
 /// The effective memory limit (cgroup v2, v1, RAM).
 #[cfg(not(loom))]
 mod limits;
@@ -176,9 +179,9 @@ pub use crate::alloc::{DefaultInner, MemWatch};
 #[cfg(not(loom))]
 pub use crate::config::{
     parse_grace, parse_limit_recheck, parse_ratio, parse_threshold_mb, ConfigError,
-    ConfigErrorKind, BYTES_PER_MIB, DEFAULT_EXIT_CODE, DEFAULT_GRACE, DEFAULT_LIMIT_RECHECK,
-    DEFAULT_SHED_HYSTERESIS_PERCENT, GRACE_ENV, LIMIT_RECHECK_ENV, SHED_ENV, SHED_RATIO_ENV,
-    THRESHOLD_ENV, THRESHOLD_RATIO_ENV,
+    ConfigErrorKind, BYTES_PER_MIB, CGROUP_RATIO_ENV, DEFAULT_EXIT_CODE, DEFAULT_GRACE,
+    DEFAULT_LIMIT_RECHECK, DEFAULT_SHED_HYSTERESIS_PERCENT, GRACE_ENV, LIMIT_RECHECK_ENV, SHED_ENV,
+    SHED_RATIO_ENV, THRESHOLD_ENV, THRESHOLD_RATIO_ENV,
 };
 #[cfg(not(loom))]
 pub use crate::count::{DEFAULT_SLACK, MAX_SLACK, MIN_BUDGET};

@@ -197,6 +197,47 @@ fn v1_limit(root: &Path, cgroups: &str, mounts: &str) -> Option<MemoryLimit> {
     }
 }
 
+/// The memory cgroup whose hard limit applies to this process, for the
+/// kernel trigger (`crate::kernel_trigger`): its directory, its version
+/// and the limit. `None` where no cgroup sets a limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct LimitingCgroup {
+    /// 1 or 2.
+    pub(crate) version: u8,
+    /// The cgroup's directory (v1: the process's own memory cgroup).
+    pub(crate) dir: PathBuf,
+    /// Its limit in bytes (v1: the smaller of its own and the hierarchy's).
+    pub(crate) limit: u64,
+}
+
+/// [`LimitingCgroup`] with every path taken under `root`, as in
+/// [`memory_limit_at`]. The v2 cgroup is the one up the hierarchy with the
+/// smallest `memory.max`; where both hierarchies limit, the smaller wins.
+pub(crate) fn limiting_cgroup_at(root: &Path) -> Option<LimitingCgroup> {
+    let cgroups = fs::read_to_string(root.join("proc/self/cgroup")).unwrap_or_default();
+    let mounts = fs::read_to_string(root.join("proc/self/mountinfo")).unwrap_or_default();
+    let v2 = v2_limit(root, &cgroups, &mounts).and_then(|l| match l.source {
+        LimitSource::CgroupV2(dir) => Some(LimitingCgroup {
+            version: 2,
+            dir,
+            limit: l.bytes,
+        }),
+        _ => None,
+    });
+    let v1 = v1_limit(root, &cgroups, &mounts).and_then(|l| match l.source {
+        LimitSource::CgroupV1(file) => Some(LimitingCgroup {
+            version: 1,
+            dir: file.parent()?.to_path_buf(),
+            limit: l.bytes,
+        }),
+        _ => None,
+    });
+    match (v2, v1) {
+        (Some(a), Some(b)) => Some(if b.limit < a.limit { b } else { a }),
+        (a, b) => a.or(b),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -238,6 +279,14 @@ mod tests {
             l.source,
             LimitSource::CgroupV2(root.join("sys/fs/cgroup/kubepods/pod1"))
         );
+        assert_eq!(
+            limiting_cgroup_at(&root),
+            Some(LimitingCgroup {
+                version: 2,
+                dir: root.join("sys/fs/cgroup/kubepods/pod1"),
+                limit: 536_870_912
+            })
+        );
         let _ = fs::remove_dir_all(&root);
     }
 
@@ -258,6 +307,7 @@ mod tests {
         let l = memory_limit_at(&root).unwrap();
         assert_eq!(l.bytes, 24_576_000 * 1024);
         assert_eq!(l.source, LimitSource::Ram);
+        assert_eq!(limiting_cgroup_at(&root), None, "RAM is not a cgroup");
         let _ = fs::remove_dir_all(&root);
     }
 
@@ -284,6 +334,14 @@ mod tests {
         let l = memory_limit_at(&root).unwrap();
         assert_eq!(l.bytes, 268_435_456);
         assert!(matches!(l.source, LimitSource::CgroupV1(_)));
+        assert_eq!(
+            limiting_cgroup_at(&root),
+            Some(LimitingCgroup {
+                version: 1,
+                dir: root.join("sys/fs/cgroup/memory/docker/abc"),
+                limit: 268_435_456
+            })
+        );
         let _ = fs::remove_dir_all(&root);
     }
 

@@ -19,7 +19,7 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::config;
 use crate::watchdog::{emit, Follow, Hook, PressureCallback, PressureEvent};
-use crate::{latch, stats};
+use crate::{kernel_trigger, latch, stats};
 
 /// Blocks until the latch trips and the watchdog begins the shutdown.
 /// Returns at once if that has already happened; never returns if no
@@ -160,9 +160,16 @@ pub(crate) fn watchdog_thread(
             plan.grace
         )
     };
-    log.emit(
-        Level::Error,
-        format!(
+    let line = match kernel_trigger::tripped() {
+        Some(kernel) => format!(
+            "memory cgroup level crossed (kernel trigger): {kernel}; live heap {} bytes \
+             (threshold {} bytes); {}; {then} {}",
+            stats::live_bytes(),
+            threshold,
+            jemalloc,
+            plan.exit_code,
+        ),
+        None => format!(
             "memory threshold crossed: live heap {} bytes > threshold {} bytes ({} MiB); \
              live now {} bytes; {}; {then} {}",
             tripped_at,
@@ -172,7 +179,8 @@ pub(crate) fn watchdog_thread(
             jemalloc,
             plan.exit_code,
         ),
-    );
+    };
+    log.emit(Level::Error, line);
 
     if !plan.grace.is_zero() {
         for hook in hooks {

@@ -15,7 +15,7 @@ use crate::config::{
     DEFAULT_LIMIT_RECHECK, DEFAULT_SHED_HYSTERESIS_PERCENT,
 };
 use crate::shutdown::{exit_once, grace_thread, watchdog_thread, Plan};
-use crate::{count, latch, limits, stats};
+use crate::{count, kernel_trigger, latch, limits, stats};
 
 /// A shutdown hook: a name for the logs and the work.
 pub(crate) struct Hook {
@@ -61,6 +61,7 @@ pub struct Watchdog {
     hysteresis_percent: u8,
     grace: Duration,
     limit_recheck: Result<Duration, ConfigError>,
+    cgroup_ratio: Result<Option<f64>, ConfigError>,
     exit_code: i32,
     hooks: Vec<Hook>,
     pressure_callbacks: Vec<PressureCallback>,
@@ -100,6 +101,7 @@ impl Watchdog {
             hysteresis_percent: DEFAULT_SHED_HYSTERESIS_PERCENT,
             grace: DEFAULT_GRACE,
             limit_recheck: Ok(DEFAULT_LIMIT_RECHECK),
+            cgroup_ratio: Ok(None),
             exit_code: DEFAULT_EXIT_CODE,
             hooks: Vec::new(),
             pressure_callbacks: Vec::new(),
@@ -117,7 +119,12 @@ impl Watchdog {
     ///   `ELASTICKV_MEMORY_SHED_THRESHOLD_RATIO`, the soft level (off by
     ///   default);
     /// - `ELASTICKV_MEMORY_LIMIT_RECHECK`, how often a ratio level re-reads
-    ///   the memory limit (default `10s`; `0s` reads it once, at start).
+    ///   the memory limit (default `10s`; `0s` reads it once, at start);
+    /// - `ELASTICKV_MEMORY_CGROUP_THRESHOLD_RATIO`, the kernel trigger (off
+    ///   by default): see [`cgroup_threshold_ratio`](Self::cgroup_threshold_ratio).
+    ///
+    /// A malformed kernel trigger ratio is one warning, and that trigger is
+    /// off.
     ///
     /// A malformed recheck period is one warning, and the limit is then read
     /// once, at start.
@@ -133,6 +140,7 @@ impl Watchdog {
                 w.shed = c.shed;
                 w.grace = c.grace;
                 w.limit_recheck = c.limit_recheck;
+                w.cgroup_ratio = c.cgroup_ratio;
                 w.notes = c.notes;
             }
             Err(e) => w.threshold = Err(e),
@@ -194,6 +202,39 @@ impl Watchdog {
     /// starts the shutdown at once. Default 10 s. Overrides the environment.
     pub fn limit_recheck(mut self, every: Duration) -> Self {
         self.limit_recheck = Ok(every);
+        self
+    }
+
+    /// Turns on the kernel trigger at `ratio` (in (0, 1]) of the memory
+    /// cgroup's limit; `0.0` turns it off. Overrides the environment.
+    ///
+    /// The heap threshold sees only what goes through the global allocator.
+    /// The kernel OOM-kills on what the cgroup is charged: C and C++
+    /// libraries' heaps, `mmap`, thread stacks, page tables and page cache.
+    /// With this trigger on, a thread of memwatch's sleeps until the kernel
+    /// signals the cgroup (usage threshold and memory pressure events on
+    /// cgroup v1; `memory.events` changes and a PSI trigger on v2), then
+    /// reads the charge less the file cache, which reclaim can always take
+    /// back, and starts the same shutdown once that reaches the level. It
+    /// never trips on page cache. It needs a shutdown threshold as well
+    /// (the heap threshold arms the watchdog); where the process is in no
+    /// memory cgroup with a limit, or cannot register for the events, one
+    /// info line says why it is unavailable.
+    ///
+    /// ```no_run
+    /// let watchdog = memwatch::Watchdog::new()
+    ///     .threshold_mb(1536)
+    ///     .cgroup_threshold_ratio(0.9) // 90% of the container's limit
+    ///     .on_shutdown("flush", || { /* ... */ })
+    ///     .start();
+    /// # watchdog.exit_if_tripped();
+    /// ```
+    pub fn cgroup_threshold_ratio(mut self, ratio: f64) -> Self {
+        self.cgroup_ratio = if ratio == 0.0 {
+            Ok(None)
+        } else {
+            config::parse_ratio(config::CGROUP_RATIO_ENV, &ratio.to_string())
+        };
         self
     }
 
@@ -261,6 +302,15 @@ impl Watchdog {
                         config::THRESHOLD_RATIO_ENV
                     ),
                 );
+                if matches!(self.cgroup_ratio, Ok(Some(_))) {
+                    emit(
+                        Level::Warn,
+                        format_args!(
+                            "the kernel trigger ({}) needs a shutdown threshold; it is off",
+                            config::CGROUP_RATIO_ENV
+                        ),
+                    );
+                }
                 if matches!(self.shed, Ok(Some(_))) {
                     emit(
                         Level::Warn,
@@ -397,6 +447,20 @@ impl Watchdog {
         // Folds before the levels were armed compared against none: look
         // once now.
         check_now(threshold, shed);
+        match self.cgroup_ratio {
+            Ok(None) => {}
+            Ok(Some(ratio)) => match kernel_trigger::start(ratio) {
+                Ok(line) => emit(Level::Info, format_args!("{line}")),
+                Err(why) => emit(
+                    Level::Info,
+                    format_args!(
+                        "kernel trigger unavailable ({}={ratio}): {why}",
+                        config::CGROUP_RATIO_ENV
+                    ),
+                ),
+            },
+            Err(e) => emit(Level::Warn, format_args!("{e}; the kernel trigger is off")),
+        }
         WatchdogHandle { armed: true, ..off }
     }
 }
@@ -610,6 +674,7 @@ static STARTED: AtomicBool = AtomicBool::new(false);
 /// as new (one of those threads may have held its lock at the fork).
 extern "C" fn forget_in_child() {
     crate::shutdown::forget_in_child();
+    crate::kernel_trigger::forget_in_child();
     STARTED.store(false, SeqCst);
 }
 

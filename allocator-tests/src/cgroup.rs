@@ -17,9 +17,22 @@ impl Cgroup {
     /// Creates `/sys/fs/cgroup[/memory]/<name>` with `limit_bytes` and no
     /// swap on top of it.
     pub fn create(name: &str, limit_bytes: u64) -> Result<Cgroup, String> {
+        Self::create_version(name, limit_bytes, None)
+    }
+
+    /// [`Cgroup::create`] in the hierarchy of `version` (1 or 2), or in
+    /// whichever the machine has (v1 first) for `None`.
+    pub fn create_version(
+        name: &str,
+        limit_bytes: u64,
+        version: Option<u8>,
+    ) -> Result<Cgroup, String> {
         let v1 = Path::new("/sys/fs/cgroup/memory");
         let v2 = Path::new("/sys/fs/cgroup/cgroup.controllers");
-        if v1.join("memory.limit_in_bytes").exists() {
+        if version == Some(2) && !v2.exists() {
+            return Err("no cgroup v2 hierarchy mounted at /sys/fs/cgroup".into());
+        }
+        if version != Some(2) && v1.join("memory.limit_in_bytes").exists() {
             let dir = v1.join(name);
             std::fs::create_dir(&dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
             let cg = Cgroup { dir, version: 1 };
@@ -28,7 +41,7 @@ impl Cgroup {
             let _ = cg.write("memory.memsw.limit_in_bytes", &limit_bytes.to_string());
             let _ = cg.write("memory.swappiness", "0");
             Ok(cg)
-        } else if v2.exists() {
+        } else if version != Some(1) && v2.exists() {
             let root = Path::new("/sys/fs/cgroup");
             let controllers = std::fs::read_to_string(v2).unwrap_or_default();
             if !controllers.split_whitespace().any(|c| c == "memory") {
@@ -50,6 +63,25 @@ impl Cgroup {
     pub fn write(&self, file: &str, value: &str) -> Result<(), String> {
         std::fs::write(self.dir.join(file), value)
             .map_err(|e| format!("write {value} to {}: {e}", self.dir.join(file).display()))
+    }
+
+    /// The cgroup's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The highest charge the cgroup has seen (v1
+    /// `memory.max_usage_in_bytes`, v2 `memory.peak`).
+    pub fn peak(&self) -> Option<u64> {
+        let file = match self.version {
+            1 => "memory.max_usage_in_bytes",
+            _ => "memory.peak",
+        };
+        std::fs::read_to_string(self.dir.join(file))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     }
 
     /// A command that enters this cgroup before it execs `bin`.

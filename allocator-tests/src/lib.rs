@@ -15,6 +15,7 @@ use std::time::Duration;
 
 pub mod audit;
 pub mod cgroup;
+pub mod outside_heap;
 pub mod scenarios;
 pub mod wal;
 

@@ -336,6 +336,40 @@ fn bad_ratio_values_warn_once_and_stay_off() {
     }
 }
 
+const CGROUP_RATIO: &str = "ELASTICKV_MEMORY_CGROUP_THRESHOLD_RATIO";
+
+#[test]
+fn bad_kernel_trigger_values_warn_once_and_turn_off_only_that_trigger() {
+    for value in ["1.5", "0", "abc", "0.9 ", "NaN"] {
+        let r = run(
+            "runs_to_end",
+            &[(THRESHOLD, "4096"), (CGROUP_RATIO, value)],
+            LIMIT,
+        );
+        assert_eq!(r.code(), Some(0), "{r:#?}");
+        if value.trim() == "0.9" {
+            // Surrounding white space is accepted, as for every variable.
+            assert!(r.stderr_lines("WARN").is_empty(), "{r:#?}");
+            assert_eq!(r.stderr_lines("kernel trigger").len(), 1, "{r:#?}");
+            continue;
+        }
+        r.one_warning(&[CGROUP_RATIO, &format!("{value:?}"), "kernel trigger is off"]);
+        assert_eq!(
+            r.fact("armed"),
+            Some("true"),
+            "the heap threshold stays: {r:#?}"
+        );
+    }
+}
+
+#[test]
+fn the_kernel_trigger_without_a_shutdown_threshold_warns_once() {
+    let r = run("runs_to_end", &[(CGROUP_RATIO, "0.9")], LIMIT);
+    assert_eq!(r.code(), Some(0), "{r:#?}");
+    assert_eq!(r.fact("armed"), Some("false"), "{r:#?}");
+    r.one_warning(&[CGROUP_RATIO, "needs a shutdown threshold"]);
+}
+
 #[test]
 fn the_mib_form_wins_over_the_ratio_with_a_warning() {
     let r = run(

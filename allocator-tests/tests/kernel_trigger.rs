@@ -1,0 +1,211 @@
+//! The kernel trigger in a real memory cgroup: memory outside any heap
+//! (anonymous `mmap`) that the kernel OOM-kills for ends in exit 2 with no
+//! OOM kill, and page cache streamed through the cgroup never trips it.
+//!
+//! Needs root and a writable memory cgroup. Where that is missing the
+//! tests print why and pass, unless `MEMWATCH_REQUIRE_CGROUP=1` (set by
+//! `.ci/run`) makes the cgroup v1-or-v2 ones fail instead. The v2-only test
+//! skips with a reason on a machine without a v2 memory controller.
+
+mod common;
+
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Output, Stdio};
+use std::sync::Mutex;
+
+use allocator_tests::cgroup::{skip_or_fail, Cgroup};
+use common::{bin_path, scratch, THRESHOLD};
+
+const LIMIT: u64 = 256 << 20;
+const RATIO: &str = "ELASTICKV_MEMORY_CGROUP_THRESHOLD_RATIO";
+
+/// One test at a time: the latency figures are taken with the machine to
+/// themselves, and two cgroups filling at once would slow each other.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// Runs `bin` in the cgroup with a heap threshold far above anything the
+/// heap reaches (so only the kernel trigger can trip) and `env`.
+fn run_in(cg: &Cgroup, bin: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = cg.command(&bin_path(bin), args);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("ELASTICKV_MEMORY_") {
+            cmd.env_remove(name);
+        }
+    }
+    cmd.env(THRESHOLD, "4096")
+        .env("SCENARIO_CGROUP", cg.dir())
+        .env("RUST_LOG", "info,memwatch::kernel_trigger=debug")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("spawn")
+}
+
+fn fact<'a>(out: &'a str, key: &str) -> Option<&'a str> {
+    let prefix = format!("{key}: ");
+    out.lines().find_map(|l| l.strip_prefix(prefix.as_str()))
+}
+
+/// On cgroup v2 the kernel has no usage threshold event; `memory.high`
+/// is where it first signals growth that reclaim cannot absorb, so the
+/// tests set it (as docs/operations.md tells a v2 deployment to) above the
+/// trigger's level and below the limit.
+fn prepare(cg: &Cgroup) {
+    if cg.version == 2 {
+        cg.write("memory.high", &(LIMIT * 8 / 10).to_string())
+            .expect("memory.high");
+    }
+}
+
+/// Anonymous memory grown with `mmap`, outside any allocator, at full
+/// speed: the kernel OOM-kills the process without the trigger; with the
+/// trigger at 70% of the limit, 20 of 20 runs exit 2 with the hook run and
+/// no OOM kill. Prints the latency from the crossing (as the growing thread
+/// itself reads the cgroup) to the start of the hooks.
+fn mmap_growth(version: Option<u8>) {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let name = |what: &str| format!("memwatch-test-mmap-{what}-{}", std::process::id());
+    let baseline = match Cgroup::create_version(&name("baseline"), LIMIT, version) {
+        Ok(cg) => cg,
+        Err(why) => return skip_or_fail(&why),
+    };
+    prepare(&baseline);
+    let out = run_in(&baseline, "mmap_grows", &[], &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.signal(),
+        Some(9),
+        "without the kernel trigger the kernel SIGKILLs it (the heap threshold \
+         sees none of it): {stderr}"
+    );
+    assert!(
+        baseline.oom_kills() >= Some(1),
+        "{:?}",
+        baseline.oom_kills()
+    );
+    println!(
+        "baseline (cgroup v{}): {:?}, oom_kill {:?}",
+        baseline.version,
+        out.status,
+        baseline.oom_kills()
+    );
+    drop(baseline);
+
+    let mut latencies_us = Vec::new();
+    for run in 0..20 {
+        let cg = Cgroup::create_version(&name(&run.to_string()), LIMIT, version)
+            .expect("a second cgroup");
+        prepare(&cg);
+        let out = run_in(&cg, "mmap_grows", &[], &[(RATIO, "0.7")]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let kills = cg.oom_kills();
+        assert_eq!(out.status.code(), Some(2), "run {run}: {stdout}\n{stderr}");
+        assert_eq!(
+            kills,
+            Some(0),
+            "run {run}: the kernel never acted: {stderr}"
+        );
+        let trip = stderr
+            .lines()
+            .find(|l| l.contains("memory cgroup level crossed (kernel trigger)"))
+            .unwrap_or_else(|| panic!("run {run}: no trip line: {stderr}"));
+        assert!(trip.contains("reclaim cannot free >= level"), "{trip}");
+        assert!(trip.contains("exiting with code 2"), "{trip}");
+        let ns = |key| -> i64 {
+            fact(&stdout, key)
+                .unwrap_or_else(|| panic!("run {run}: no {key}: {stdout}"))
+                .parse()
+                .unwrap()
+        };
+        latencies_us.push((ns("hooks_started_ns") - ns("crossed_ns")) / 1000);
+        if run == 0 {
+            println!("run 0: {trip}");
+        }
+    }
+    latencies_us.sort_unstable();
+    println!(
+        "kernel trigger, crossing to hooks' start over {} runs: median {} us, p90 {} us, \
+         max {} us (each run exit 2, oom_kill 0)",
+        latencies_us.len(),
+        latencies_us[latencies_us.len() / 2],
+        latencies_us[latencies_us.len() * 9 / 10],
+        latencies_us[latencies_us.len() - 1],
+    );
+}
+
+#[test]
+fn anonymous_mmap_growth_exits_2_where_the_kernel_oom_kills() {
+    mmap_growth(None);
+}
+
+/// The same against cgroup v2's real files, where the machine has a v2
+/// memory controller; skipped with the reason otherwise (even under
+/// `MEMWATCH_REQUIRE_CGROUP=1`, which the v1-or-v2 tests honour).
+#[test]
+fn on_cgroup_v2_anonymous_mmap_growth_exits_2() {
+    let controllers = std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers");
+    match controllers {
+        Ok(c) if c.split_whitespace().any(|c| c == "memory") => mmap_growth(Some(2)),
+        Ok(c) => eprintln!("SKIPPED: the cgroup v2 root has no memory controller ({c:?})"),
+        Err(e) => eprintln!("SKIPPED: no cgroup v2 at /sys/fs/cgroup: {e}"),
+    }
+}
+
+/// A writer streams 512 MiB through the page cache of a 256 MiB cgroup with
+/// the trigger at 50%: the cache fills the cgroup to its limit, the kernel
+/// signals pressure, the trigger looks and does not trip, 10 of 10 runs.
+#[test]
+fn a_page_cache_writer_twice_the_limit_does_not_trip_it() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    for run in 0..10 {
+        let cg = match Cgroup::create(
+            &format!("memwatch-test-pagecache-{run}-{}", std::process::id()),
+            LIMIT,
+        ) {
+            Ok(cg) => cg,
+            Err(why) => return skip_or_fail(&why),
+        };
+        let dir = scratch("page-cache");
+        let file = dir.join("stream");
+        let out = run_in(
+            &cg,
+            "page_cache_writer",
+            &[file.to_str().unwrap(), "512"],
+            &[(RATIO, "0.5")],
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(out.status.code(), Some(0), "run {run}: {stderr}");
+        assert_eq!(fact(&stdout, "wrote_mib"), Some("512"), "run {run}");
+        assert_eq!(cg.oom_kills(), Some(0), "run {run}");
+        assert!(
+            stderr.contains("kernel trigger on"),
+            "run {run}: the trigger was on: {stderr}"
+        );
+        assert!(
+            !stderr.contains("level crossed"),
+            "run {run}: page cache tripped it: {stderr}"
+        );
+        let peak = cg.peak().expect("peak");
+        assert!(
+            peak >= LIMIT * 9 / 10,
+            "run {run}: the cache filled the cgroup (peak {peak} bytes)"
+        );
+        let looks = stderr
+            .lines()
+            .filter(|l| l.contains("kernel trigger woken by"))
+            .count();
+        assert!(
+            looks > 0,
+            "run {run}: the kernel signalled and the trigger looked: {stderr}"
+        );
+        if run == 0 {
+            println!("run 0: peak {peak} bytes, {looks} looks, none tripped");
+        }
+    }
+}
