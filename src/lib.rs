@@ -141,6 +141,11 @@
 #![cfg_attr(loom, allow(dead_code, unused_imports))]
 
 // The index. In-band, on the allocator path:
+/// The C library's allocation functions for [`c_heap!`]: jemalloc's, counted.
+#[cfg(all(memwatch_jemalloc_counts, not(loom)))]
+#[doc(hidden)]
+#[path = "c_heap.rs"]
+pub mod __c_heap;
 /// The wrapper: `GlobalAlloc` over an inner allocator.
 #[cfg(not(loom))]
 mod alloc;
@@ -196,6 +201,17 @@ pub use crate::stats::{
 };
 #[cfg(not(loom))]
 pub use crate::watchdog::{PressureEvent, Watchdog, WatchdogHandle};
+
+/// Routes the C library's allocation functions through memwatch: here, where
+/// memwatch does not count over jemalloc's own counters (not Linux, or
+/// without the `jemalloc` feature), it stops the build with the reason.
+#[cfg(not(memwatch_jemalloc_counts))]
+#[macro_export]
+macro_rules! c_heap {
+    () => {
+        compile_error!("memwatch::c_heap! needs the `jemalloc` feature on Linux");
+    };
+}
 
 /// jemalloc, the default inner allocator (re-exported from `tikv-jemallocator`).
 #[cfg(all(feature = "jemalloc", not(loom)))]

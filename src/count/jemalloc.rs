@@ -79,6 +79,9 @@ struct Thread {
     deallocated: Cell<*const u64>,
     /// `allocated - deallocated` as of the last fold (or the join).
     folded: Cell<u64>,
+    /// `allocated - deallocated` as of the last look: what a C call
+    /// ([`c_after`]) measures the thread's exact movement from.
+    looked: Cell<u64>,
 }
 
 thread_local! {
@@ -92,6 +95,7 @@ thread_local! {
             allocated: Cell::new(ptr::null()),
             deallocated: Cell::new(ptr::null()),
             folded: Cell::new(0),
+            looked: Cell::new(0),
         }
     };
 }
@@ -336,6 +340,7 @@ fn join() -> bool {
         t.deallocated.set(d);
         t.slot.set(slot);
         t.folded.set(net(t));
+        t.looked.set(t.folded.get());
         t.state.set(ACTIVE);
     });
     thread_joined();
@@ -361,6 +366,7 @@ fn look(t: &Thread, fold: usize) {
     #[cfg(test)]
     LOOKS.with(|l| l.set(l.get() + 1));
     let net = net(t);
+    t.looked.set(net);
     let pending = net.wrapping_sub(t.folded.get()) as isize;
     // SAFETY: an `ACTIVE` thread's slot, claimed by it and held until it
     // frees it in `leave`; slots are never unmapped.
@@ -378,6 +384,33 @@ fn look(t: &Thread, fold: usize) {
 fn fold_now(t: &Thread, slot: &Slot, net: u64, pending: isize) {
     t.folded.set(net);
     observe(slot.fold_published(&TOTAL, pending));
+}
+
+/// Before a call of the C library's allocation functions routed through
+/// memwatch ([`crate::c_heap!`]): whether the calling thread has a slot,
+/// joining if it never tried. If not, the caller counts the call by its
+/// usable size ([`count_itself`]).
+#[inline]
+pub(crate) fn c_ready() -> bool {
+    joined()
+}
+
+/// After such a call on a thread with a slot: the thread's exact movement
+/// since its last look, read from its own counters, either re-centres the
+/// level (so the Rust fast path's window covers the C calls too: usable
+/// bytes stand in for weighted ones, which only brings the next look
+/// sooner) or, past the window, makes the thread look now.
+#[inline]
+pub(crate) fn c_after() {
+    THREAD.with(|t| {
+        let moved = net(t).wrapping_sub(t.looked.get()) as isize;
+        if moved.unsigned_abs() > WINDOW {
+            look(t, fold_size(super::DEFAULT_SLACK));
+            t.level.set(WINDOW as isize);
+        } else {
+            t.level.set(WINDOW as isize + moved);
+        }
+    });
 }
 
 /// Publishes the calling thread's count, so that a reading it takes is

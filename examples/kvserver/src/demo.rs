@@ -10,6 +10,8 @@ use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use allocator_tests::cgroup::Cgroup;
+
 use crate::monotonic_ns;
 
 const THRESHOLD_ENV: &str = "ELASTICKV_MEMORY_SHUTDOWN_THRESHOLD_MB";
@@ -163,10 +165,26 @@ impl ServerProcess {
     /// Starts `kvserver serve` on `wal` with only the memwatch variables in
     /// `env` set.
     fn start(wal: &std::path::Path, env: &[(&str, &str)]) -> ServerProcess {
-        let mut cmd = Command::new(std::env::current_exe().unwrap());
-        cmd.args(["serve", "127.0.0.1:0", wal.to_str().unwrap()])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+        Self::start_in(None, wal, env)
+    }
+
+    /// [`ServerProcess::start`] inside `cgroup`, if given.
+    fn start_in(
+        cgroup: Option<&Cgroup>,
+        wal: &std::path::Path,
+        env: &[(&str, &str)],
+    ) -> ServerProcess {
+        let exe = std::env::current_exe().unwrap();
+        let args = ["serve", "127.0.0.1:0", wal.to_str().unwrap()];
+        let mut cmd = match cgroup {
+            Some(cg) => cg.command(&exe, &args),
+            None => {
+                let mut cmd = Command::new(&exe);
+                cmd.args(args);
+                cmd
+            }
+        };
+        cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
         for (k, _) in std::env::vars() {
             if k.starts_with("ELASTICKV_MEMORY_") {
                 cmd.env_remove(k);
@@ -514,6 +532,125 @@ pub fn run_shed(threshold_mb: &str, shed_mb: &str) -> ExitCode {
     let run2_ok = status2.code() == Some(2) && recovered == total && total > 0;
     let ok = run1_ok && run2_ok;
     println!();
+    verdict(ok)
+}
+
+/// What one `demo-native` run in a cgroup came to.
+struct NativeRun {
+    status: std::process::ExitStatus,
+    oom_kills: Option<u64>,
+    acked: u64,
+    recovered: u64,
+    trip_line: Option<String>,
+}
+
+/// One `demo-native` run: the server in a fresh 256 MiB cgroup with its
+/// native cache on, written to until it goes away, then restarted outside
+/// the cgroup to read every acknowledged write back.
+fn native_run(
+    dir: &std::path::Path,
+    name: &str,
+    env: &[(&str, &str)],
+) -> Result<NativeRun, String> {
+    const LIMIT: u64 = 256 << 20;
+    let cg = Cgroup::create(
+        &format!("kvserver-demo-native-{name}-{}", std::process::id()),
+        LIMIT,
+    )?;
+    if cg.version == 2 {
+        // cgroup v2 signals usage first at memory.high (it has no usage
+        // threshold event): put it between the trigger's level and the
+        // limit, as docs/operations.md says.
+        cg.write("memory.high", &(LIMIT * 9 / 10).to_string())?;
+    }
+    let wal = dir.join(format!("{name}.wal"));
+    let mut env = env.to_vec();
+    env.push(("KVSERVER_NATIVE_CACHE", "1"));
+    let mut server = ServerProcess::start_in(Some(&cg), &wal, &env);
+    server.expect("replayed");
+    let addr = server.expect("listening");
+    let load = {
+        let addr = addr.clone();
+        thread::spawn(move || load_all(&addr, MAX_LOAD_TIME))
+    };
+    let status = server.child.wait().expect("wait for the server");
+    let acked: Vec<u64> = load.join().unwrap().iter().map(|l| l.acked).collect();
+    let oom_kills = cg.oom_kills();
+    drop(cg);
+    let mut trip_line = None;
+    while let Ok(line) = server.lines.try_recv() {
+        if line.starts_with("tripped ") {
+            trip_line = Some(line);
+        }
+    }
+    let recovery = restart_and_verify(&wal, &acked);
+    Ok(NativeRun {
+        status,
+        oom_kills,
+        acked: acked.iter().sum(),
+        recovered: recovery.recovered,
+        trip_line,
+    })
+}
+
+/// The native demo: growth outside the Rust heap (an `mmap`'d cache beside
+/// the store) in a 256 MiB memory cgroup. Without the kernel trigger the
+/// kernel OOM-kills the server; with it at 80% of the limit, memwatch exits
+/// 2 in order, and a restart finds every acknowledged write. Needs root.
+pub fn run_native() -> ExitCode {
+    println!("== memwatch native demo: memory outside the Rust heap in a 256 MiB memory cgroup ==");
+    println!(
+        "each acknowledged value is also copied into mmap'd memory (a C library's cache, say);"
+    );
+    println!("the heap threshold (1024 MiB) never sees it; the kernel trigger does.");
+    let dir = std::env::temp_dir().join(format!("kvserver-native-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("demo directory");
+    let heap = [(THRESHOLD_ENV, "1024")];
+    let with_trigger = [
+        (THRESHOLD_ENV, "1024"),
+        ("ELASTICKV_MEMORY_CGROUP_THRESHOLD_RATIO", "0.8"),
+    ];
+    let runs = native_run(&dir, "baseline", &heap)
+        .and_then(|a| Ok((a, native_run(&dir, "trigger", &with_trigger)?)));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (baseline, ours) = match runs {
+        Ok(r) => r,
+        Err(why) => {
+            println!();
+            println!("this demo needs a memory cgroup it can create, which takes root and a");
+            println!("writable cgroup v1 memory controller or cgroup v2 with the memory");
+            println!("controller; here: {why}");
+            return ExitCode::from(1);
+        }
+    };
+    println!();
+    println!("== memwatch native demo summary ==");
+    for (what, r) in [
+        ("heap threshold only", &baseline),
+        ("kernel trigger at 0.8", &ours),
+    ] {
+        println!("-- {what} --");
+        println!("server exit                 {}", exit_text(r.status));
+        println!(
+            "kernel OOM kills            {}",
+            r.oom_kills.map_or("?".into(), |k| k.to_string())
+        );
+        println!("writes acknowledged         {}", r.acked);
+        println!("writes recovered            {}", r.recovered);
+        println!("acknowledged writes lost    {}", r.acked - r.recovered);
+        if let Some(peak) = r.trip_line.as_deref().and_then(|l| l.split_once(" peak=")) {
+            let peak: u64 = peak.1.parse().unwrap_or(0);
+            println!(
+                "live heap peak at the trip  {} MiB (the rest was outside the heap)",
+                peak >> 20
+            );
+        }
+    }
+    println!();
+    let ok = ours.status.code() == Some(2)
+        && ours.oom_kills == Some(0)
+        && ours.acked > 0
+        && ours.recovered == ours.acked;
     verdict(ok)
 }
 

@@ -6,6 +6,7 @@
 //! kvserver                      # the demo: serve, load until the trip, restart, verify
 //! kvserver demo [THRESHOLD_MB]  # the same, with another threshold (default 256)
 //! kvserver demo-shed [T [S]]    # the soft level: a load that backs off, then one that does not
+//! kvserver demo-native          # growth outside the heap in a 256 MiB cgroup: the kernel trigger (root)
 //! kvserver serve [ADDR] [WAL]   # just the server (default 127.0.0.1:6380, ./kvserver.wal)
 //! kvserver load ADDR SECONDS    # the demo's writers alone: prints `acked N` per connection
 //! kvserver verify ADDR N...     # reads back N writes per connection: prints `recovered N`
@@ -17,6 +18,7 @@
 //! the same path and exit 0.
 
 mod demo;
+mod native;
 mod resp;
 mod server;
 mod wal;
@@ -37,6 +39,7 @@ fn main() -> ExitCode {
             let threshold = args.get(1).map(String::as_str).unwrap_or("256");
             demo::run(threshold)
         }
+        Some("demo-native") => demo::run_native(),
         Some("demo-shed") => {
             let threshold = args.get(1).map(String::as_str).unwrap_or("256");
             let shed = args.get(2).map(String::as_str).unwrap_or("192");
@@ -66,7 +69,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Some(other) => {
-            eprintln!("unknown command {other:?}; usage: kvserver [demo [THRESHOLD_MB] | demo-shed [THRESHOLD_MB [SHED_MB]] | serve [ADDR] [WAL] | load ADDR SECONDS | verify ADDR N...]");
+            eprintln!("unknown command {other:?}; usage: kvserver [demo [THRESHOLD_MB] | demo-shed [THRESHOLD_MB [SHED_MB]] | demo-native | serve [ADDR] [WAL] | load ADDR SECONDS | verify ADDR N...]");
             ExitCode::from(64)
         }
     }

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::RwLock;
 
+use crate::native::NativeCache;
 use crate::resp::{self, Parsed};
 use crate::wal::{self, Wal, OP_DEL, OP_SET};
 
@@ -44,6 +45,8 @@ pub struct Server {
     /// Writes refused while memwatch reported pressure.
     pub shed_writes: AtomicU64,
     started: Instant,
+    /// The copy of every value outside the heap, for `demo-native`.
+    native: Option<NativeCache>,
 }
 
 impl Server {
@@ -71,6 +74,7 @@ impl Server {
             writes: AtomicU64::new(0),
             shed_writes: AtomicU64::new(0),
             started: Instant::now(),
+            native: NativeCache::from_env(),
         });
         Ok((server, replay))
     }
@@ -195,6 +199,9 @@ impl Server {
                     let seq = self.wal.queue(OP_SET, &args[1], &args[2]);
                     if seq.is_ok() {
                         store.insert(args[1].clone(), args[2].clone());
+                        if let Some(native) = &self.native {
+                            native.keep(&args[2]);
+                        }
                     }
                     seq
                 };

@@ -1,0 +1,88 @@
+//! `memwatch::c_heap!`: C and C++ allocations, on the calling thread, on C
+//! threads and on C++ threads, count exactly like the Rust heap and trip
+//! the same threshold.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{run_with_args, THRESHOLD};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// What a live thread may hold unpublished over jemalloc (1.25 times the
+/// 48 KiB window, under 64 KiB).
+const UNPUBLISHED: i64 = 64 << 10;
+
+#[test]
+fn c_and_cxx_allocations_count_like_the_rust_heap() {
+    let r = run_with_args("c_heap", &["exact"], &[], LIMIT);
+    assert_eq!(r.code(), Some(0), "{r:#?}");
+    let fact = |k: &str| -> i64 {
+        r.fact(k)
+            .unwrap_or_else(|| panic!("no {k:?}: {r:#?}"))
+            .parse()
+            .unwrap()
+    };
+    // The calling thread's reading is exact: 100 x 1 MiB from C's malloc.
+    let usable = fact("main malloc usable");
+    assert!(usable >= 100 << 20, "{usable}");
+    assert_eq!(fact("main malloc moved"), usable, "{r:#?}");
+    assert_eq!(fact("main freed moved"), 0, "{r:#?}");
+    // A live C thread, idle between commands: within what it may hold
+    // unpublished, for blocks larger than the window and for 100,000 small
+    // ones alike.
+    for what in ["worker large", "worker all"] {
+        let usable = fact(&format!("{what} usable"));
+        let moved = fact(&format!("{what} moved"));
+        assert!(
+            (moved - usable).abs() <= UNPUBLISHED,
+            "{what}: moved {moved}, usable {usable}"
+        );
+    }
+    assert!(fact("worker freed moved").abs() <= UNPUBLISHED, "{r:#?}");
+    // Once the C thread has ended, exact again.
+    assert_eq!(fact("worker ended moved"), 0, "{r:#?}");
+    // C++ `new` on one std::thread and `delete` on another, both ended.
+    let usable = fact("cxx new usable");
+    assert!(usable >= 64 << 20, "{usable}");
+    assert_eq!(fact("cxx new moved"), usable, "{r:#?}");
+    assert_eq!(fact("cxx deleted moved"), 0, "{r:#?}");
+}
+
+#[test]
+fn c_allocations_alone_trip_the_heap_threshold() {
+    let r = run_with_args("c_heap", &["trip"], &[(THRESHOLD, "64")], LIMIT);
+    assert_eq!(r.code(), Some(2), "{r:#?}");
+    assert_eq!(
+        r.stderr_lines("memory threshold crossed").len(),
+        1,
+        "{r:#?}"
+    );
+    assert_eq!(r.trace, ["flush"], "{r:#?}");
+    assert!(r.fact("not tripped").is_none(), "{r:#?}");
+    assert!(
+        r.elapsed < Duration::from_secs(5),
+        "64 MiB at 1 MiB a millisecond: {:?}",
+        r.elapsed
+    );
+}
+
+/// The macro is per binary: the binary that invokes it defines `malloc`,
+/// the others in the same package do not.
+#[test]
+fn only_the_binary_that_invokes_the_macro_defines_malloc() {
+    let defines_malloc = |bin: &str| {
+        let out = std::process::Command::new("nm")
+            .args(["-D", "--defined-only"])
+            .arg(common::bin_path(bin))
+            .output()
+            .expect("run nm");
+        assert!(out.status.success(), "nm {bin}: {out:?}");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .any(|l| l.split_whitespace().last() == Some("malloc"))
+    };
+    assert!(defines_malloc("c_heap"));
+    assert!(!defines_malloc("crosses_threshold"));
+}
