@@ -33,8 +33,9 @@ fn bare(size: usize, n: u64) {
     }
 }
 
-/// Per-round ratios routed/bare, each chunk's time the slowest thread's.
-fn ratios(size: usize, threads: usize, rounds: usize) -> Vec<f64> {
+/// Per-round ratios routed/bare, each chunk's time the slowest thread's,
+/// and bare jemalloc's median nanoseconds per pair.
+fn ratios(size: usize, threads: usize, rounds: usize) -> (Vec<f64>, f64) {
     let n = {
         let start = Instant::now();
         bare(size, 10_000);
@@ -68,33 +69,43 @@ fn ratios(size: usize, threads: usize, rounds: usize) -> Vec<f64> {
         })
         .collect();
     let per: Vec<Vec<(f64, f64)>> = workers.into_iter().map(|w| w.join().unwrap()).collect();
-    (0..rounds)
-        .map(|r| {
-            let b = per.iter().map(|t| t[r].0).fold(0.0, f64::max);
-            let o = per.iter().map(|t| t[r].1).fold(0.0, f64::max);
-            o / b
-        })
-        .collect()
+    let slowest =
+        |r: usize, f: fn(&(f64, f64)) -> f64| per.iter().map(|t| f(&t[r])).fold(0.0, f64::max);
+    let mut bare_ns: Vec<f64> = (0..rounds)
+        .map(|r| slowest(r, |t| t.0) * 1e9 / n as f64)
+        .collect();
+    bare_ns.sort_by(f64::total_cmp);
+    let ratios = (0..rounds)
+        .map(|r| slowest(r, |t| t.1) / slowest(r, |t| t.0))
+        .collect();
+    (ratios, bare_ns[rounds / 2])
 }
 
 fn main() {
     let test = std::env::args().any(|a| a == "--test");
     let rounds = if test { 5 } else { 2001 };
     let mut cells = Vec::new();
+    // MEMWATCH_C_HEAP_SIZES=16,4096: only those sizes, for a quick look.
+    let sizes: Vec<usize> = std::env::var("MEMWATCH_C_HEAP_SIZES")
+        .ok()
+        .map(|s| s.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![16, 4096, 65536]);
     for threads in [1, 2] {
-        for size in [16, 4096, 65536] {
-            let mut r = ratios(size, threads, rounds);
+        for &size in &sizes {
+            let (mut r, bare_ns) = ratios(size, threads, rounds);
             r.sort_by(f64::total_cmp);
             let q = |p: f64| r[((r.len() - 1) as f64 * p).round() as usize];
             println!(
-                "c_heap/{size}/{threads}t: {:.3}x bare jemalloc (p10 {:.3}, p90 {:.3})",
+                "c_heap/{size}/{threads}t: {:.3}x bare jemalloc (p10 {:.3}, p90 {:.3}); \
+                 bare {bare_ns:.1} ns a pair, routed {:.1} ns",
                 q(0.5),
                 q(0.1),
-                q(0.9)
+                q(0.9),
+                bare_ns * q(0.5)
             );
             cells.push(format!(
                 "{{\"size\": {size}, \"threads\": {threads}, \"median\": {:.4}, \
-                 \"p10\": {:.4}, \"p90\": {:.4}}}",
+                 \"p10\": {:.4}, \"p90\": {:.4}, \"bare_ns\": {bare_ns:.2}}}",
                 q(0.5),
                 q(0.1),
                 q(0.9)

@@ -15,18 +15,24 @@ use std::ffi::{c_int, c_void};
 
 use tikv_jemalloc_sys as sys;
 
-use crate::count::jemalloc::{c_after, c_ready, count_itself, usable_size};
+use crate::count::jemalloc::{c_after, c_allocated, c_ready, count_itself, usable_size};
 
 /// After an allocation that returned `block` (null: refused): the count.
+/// `size` is the request, for the level's step, where the call has one
+/// (0: an aligned call, which looks at the counters).
 ///
 /// # Safety
 ///
 /// `block` is null or a live jemalloc block; `counted` is what
 /// [`c_ready`] returned before the call.
 #[inline]
-unsafe fn allocated(counted: bool, block: *mut c_void) {
+unsafe fn allocated(counted: bool, block: *mut c_void, size: usize) {
     if counted {
-        c_after();
+        if size == 0 {
+            c_after();
+        } else {
+            c_allocated(size);
+        }
     } else if !block.is_null() {
         // SAFETY: a live block jemalloc just returned.
         count_itself(unsafe { usable_size(block.cast()) });
@@ -39,12 +45,13 @@ unsafe fn allocated(counted: bool, block: *mut c_void) {
 ///
 /// As C's `malloc`.
 #[doc(hidden)]
+#[inline]
 pub unsafe fn malloc(size: usize) -> *mut c_void {
     let counted = c_ready();
     // SAFETY: C's contract, which jemalloc's `malloc` implements.
     let block = unsafe { sys::malloc(size) };
     // SAFETY: null or the block jemalloc returned.
-    unsafe { allocated(counted, block) };
+    unsafe { allocated(counted, block, size.max(1)) };
     block
 }
 
@@ -54,12 +61,13 @@ pub unsafe fn malloc(size: usize) -> *mut c_void {
 ///
 /// As C's `calloc`.
 #[doc(hidden)]
+#[inline]
 pub unsafe fn calloc(count: usize, size: usize) -> *mut c_void {
     let counted = c_ready();
     // SAFETY: C's contract; jemalloc checks the product for overflow.
     let block = unsafe { sys::calloc(count, size) };
     // SAFETY: null or the block jemalloc returned.
-    unsafe { allocated(counted, block) };
+    unsafe { allocated(counted, block, count.saturating_mul(size).max(1)) };
     block
 }
 
@@ -69,6 +77,7 @@ pub unsafe fn calloc(count: usize, size: usize) -> *mut c_void {
 ///
 /// As C's `realloc`: `block` is null or a live block of these functions.
 #[doc(hidden)]
+#[inline]
 pub unsafe fn realloc(block: *mut c_void, size: usize) -> *mut c_void {
     if c_ready() {
         // SAFETY: the caller's contract.
@@ -100,6 +109,7 @@ pub unsafe fn realloc(block: *mut c_void, size: usize) -> *mut c_void {
 ///
 /// As C's `free`: `block` is null or a live block of these functions.
 #[doc(hidden)]
+#[inline]
 pub unsafe fn free(block: *mut c_void) {
     if block.is_null() {
         return;
@@ -123,13 +133,20 @@ pub unsafe fn free(block: *mut c_void) {
 ///
 /// As C's `posix_memalign`: `out` is valid for a write.
 #[doc(hidden)]
+#[inline]
 pub unsafe fn posix_memalign(out: *mut *mut c_void, align: usize, size: usize) -> c_int {
     let counted = c_ready();
     // SAFETY: the caller's contract; jemalloc checks the alignment.
     let rc = unsafe { sys::posix_memalign(out, align, size) };
     // SAFETY: on success `*out` is the new block; otherwise nothing was
     // allocated (null).
-    unsafe { allocated(counted, if rc == 0 { *out } else { std::ptr::null_mut() }) };
+    unsafe {
+        allocated(
+            counted,
+            if rc == 0 { *out } else { std::ptr::null_mut() },
+            0,
+        )
+    };
     rc
 }
 
@@ -139,12 +156,13 @@ pub unsafe fn posix_memalign(out: *mut *mut c_void, align: usize, size: usize) -
 ///
 /// As C's `aligned_alloc`.
 #[doc(hidden)]
+#[inline]
 pub unsafe fn aligned_alloc(align: usize, size: usize) -> *mut c_void {
     let counted = c_ready();
     // SAFETY: the caller's contract; jemalloc checks the alignment.
     let block = unsafe { sys::aligned_alloc(align, size) };
     // SAFETY: null or the block jemalloc returned.
-    unsafe { allocated(counted, block) };
+    unsafe { allocated(counted, block, 0) };
     block
 }
 
@@ -155,6 +173,7 @@ pub unsafe fn aligned_alloc(align: usize, size: usize) -> *mut c_void {
 ///
 /// As glibc's `memalign`.
 #[doc(hidden)]
+#[inline]
 pub unsafe fn memalign(align: usize, size: usize) -> *mut c_void {
     if !align.is_power_of_two() {
         // SAFETY: the calling thread's errno.
@@ -171,7 +190,7 @@ pub unsafe fn memalign(align: usize, size: usize) -> *mut c_void {
         unsafe { *libc::__errno_location() = libc::ENOMEM };
     }
     // SAFETY: null or the block jemalloc returned.
-    unsafe { allocated(counted, block) };
+    unsafe { allocated(counted, block, 0) };
     block
 }
 
@@ -191,6 +210,7 @@ pub fn page_size() -> usize {
 ///
 /// `block` is null or a live block of these functions.
 #[doc(hidden)]
+#[inline]
 pub unsafe fn malloc_usable_size(block: *const c_void) -> usize {
     if block.is_null() {
         return 0;

@@ -395,22 +395,44 @@ pub(crate) fn c_ready() -> bool {
     joined()
 }
 
-/// After such a call on a thread with a slot: the thread's exact movement
-/// since its last look, read from its own counters, either re-centres the
-/// level (so the Rust fast path's window covers the C calls too: usable
-/// bytes stand in for weighted ones, which only brings the next look
-/// sooner) or, past the window, makes the thread look now.
+/// After a C `malloc` (or `calloc`) of `size` bytes on a thread with a
+/// slot: the Rust fast path's own step, the block's weight added to the
+/// level (a C block is plain: aligned to 16, so its weight bounds its
+/// usable size as a Rust block's does), and the exact look of [`c_after`]
+/// only when the level leaves the window.
 #[inline]
-pub(crate) fn c_after() {
+pub(crate) fn c_allocated(size: usize) {
     THREAD.with(|t| {
-        let moved = net(t).wrapping_sub(t.looked.get()) as isize;
-        if moved.unsigned_abs() > WINDOW {
-            look(t, fold_size(super::DEFAULT_SLACK));
-            t.level.set(WINDOW as isize);
+        let level = t.level.get().wrapping_add(size.wrapping_add(16) as isize);
+        if level as usize <= 2 * WINDOW {
+            t.level.set(level);
         } else {
-            t.level.set(WINDOW as isize + moved);
+            c_exact(t);
         }
     });
+}
+
+/// After any other C call on a thread with a slot (a free, whose size C
+/// does not give; a reallocation): [`c_exact`].
+#[inline]
+pub(crate) fn c_after() {
+    THREAD.with(c_exact);
+}
+
+/// The thread's exact movement since its last look, read from its own
+/// counters, either re-centres the level (usable bytes stand in for
+/// weighted ones, which only brings the next look sooner) or, past the
+/// window, makes the thread look now. Either way the level bounds what the
+/// thread has not published, as for Rust calls.
+#[inline]
+fn c_exact(t: &Thread) {
+    let moved = net(t).wrapping_sub(t.looked.get()) as isize;
+    if moved.unsigned_abs() > WINDOW {
+        look(t, fold_size(super::DEFAULT_SLACK));
+        t.level.set(WINDOW as isize);
+    } else {
+        t.level.set(WINDOW as isize + moved);
+    }
 }
 
 /// Publishes the calling thread's count, so that a reading it takes is
