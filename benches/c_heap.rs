@@ -2,9 +2,9 @@
 //! memwatch's routed symbols against the same pairs on bare jemalloc
 //! (`_rjem_malloc`/`_rjem_free`), measured pairwise: each round times one
 //! chunk of each back to back (the order alternates), and the median of the
-//! rounds' ratios is the figure. Prints one line per cell, and with
-//! `MEMWATCH_C_HEAP_OUT=FILE` writes them there as JSON for
-//! `benches/report.py`. `--test` runs a few rounds only.
+//! rounds' ratios is the figure. Prints one line per cell and writes them to
+//! `target/criterion/memwatch-c-heap.json` for `benches/report.py`;
+//! `--test` runs a few rounds only and writes nothing.
 
 use std::hint::black_box;
 use std::sync::{Arc, Barrier};
@@ -12,6 +12,8 @@ use std::thread;
 use std::time::Instant;
 
 use tikv_jemalloc_sys as je;
+
+mod common;
 
 #[global_allocator]
 static GLOBAL: memwatch::MemWatch = memwatch::MemWatch::new(memwatch::Jemalloc);
@@ -104,7 +106,7 @@ fn main() {
                 bare_ns * q(0.5)
             );
             cells.push(format!(
-                "{{\"size\": {size}, \"threads\": {threads}, \"median\": {:.4}, \
+                "\"c_heap/{size}/{threads}t\": {{\"median\": {:.4}, \
                  \"p10\": {:.4}, \"p90\": {:.4}, \"bare_ns\": {bare_ns:.2}}}",
                 q(0.5),
                 q(0.1),
@@ -112,7 +114,7 @@ fn main() {
             ));
         }
     }
-    if let Ok(out) = std::env::var("MEMWATCH_C_HEAP_OUT") {
-        std::fs::write(out, format!("[{}]\n", cells.join(",\n"))).expect("write the cells");
+    if !test && std::env::var_os("MEMWATCH_C_HEAP_SIZES").is_none() {
+        common::write_rows("memwatch-c-heap.json", &cells);
     }
 }

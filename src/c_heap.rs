@@ -3,10 +3,12 @@
 //! allocates (`malloc`, `new`) then counts exactly like the Rust heap.
 //!
 //! Each function joins the thread on its first call if it has not joined
-//! yet, calls jemalloc, then compares the thread's own jemalloc counters
-//! with its last look ([`count::jemalloc::c_after`]): a C-only thread looks
-//! once its net has moved by the window, so the error bound is the Rust
-//! heap's. A thread without a slot counts each call by its usable size.
+//! yet and calls jemalloc. An allocation then moves the thread's level as a
+//! Rust allocation does; a free (C gives no size) compares the thread's own
+//! jemalloc counters with its last look (`count::jemalloc::c_after`). A
+//! C-only thread thus looks once its net has moved by the window, and the
+//! error bound is the Rust heap's. A thread without a slot counts each call
+//! by its usable size.
 //!
 //! Only the macro calls these; they are public so that its expansion, in
 //! the binary's crate, can.

@@ -48,11 +48,13 @@
 //! | `ELASTICKV_MEMORY_SHUTDOWN_GRACE` | time the hooks may take: `500ms`, `10s`, `2m`; `0s` skips them; at most a day (longer is clamped, with a warning) | `30s` |
 //! | `ELASTICKV_MEMORY_SHED_THRESHOLD_MB` | soft level in MiB, below the threshold: [`pressure`] turns true above it | off |
 //! | `ELASTICKV_MEMORY_SHED_THRESHOLD_RATIO` | soft level as a fraction of the effective memory limit | off |
+//! | `ELASTICKV_MEMORY_CGROUP_THRESHOLD_RATIO` | the kernel trigger: a fraction in (0, 1] of the memory cgroup's limit, for the charge that reclaim cannot free (see [`Watchdog::cgroup_threshold_ratio`]) | off |
 //! | `ELASTICKV_MEMORY_LIMIT_RECHECK` | how often a ratio level re-reads the memory limit and follows a resize; `0s` reads it once; at most a day (longer is clamped, with a warning) | `10s` |
 //!
 //! A malformed value gives one warning naming the variable and the value; a
 //! bad threshold or grace leaves the watchdog off, a bad soft level leaves
-//! only the soft level off. Warnings go through the [`log`] crate; if the
+//! only the soft level off, a bad kernel trigger ratio only that trigger.
+//! Warnings go through the [`log`] crate; if the
 //! application installed no logger, warnings and errors go to standard error.
 //!
 //! # Shedding load first
@@ -100,8 +102,20 @@
 //! and a small request (up to twice the slack) that the inner allocator
 //! refuses stays counted, because the count comes before the call;
 //! allocators refuse such requests only when the kernel gives them no
-//! memory. Not counted: allocator metadata, memory that C libraries
-//! `malloc` directly, `mmap` and thread stacks. See `docs/design.md`.
+//! memory. Not counted in the heap: allocator metadata, `mmap` and thread
+//! stacks (the kernel trigger sees them), and memory that C libraries
+//! `malloc` directly unless the binary invokes [`c_heap!`], which routes
+//! the C library's allocation functions through memwatch so they count
+//! exactly like Rust's. See `docs/design.md`.
+//!
+//! # Memory outside the heap
+//!
+//! The kernel OOM-kills on what the memory cgroup is charged. With
+//! [`Watchdog::cgroup_threshold_ratio`] (or its variable), a thread of
+//! memwatch's sleeps until the kernel signals the cgroup (usage threshold and
+//! pressure events on cgroup v1, `memory.events` and PSI on v2), reads the
+//! charge less the file cache, which reclaim can always take back, and
+//! starts the same shutdown at the level. Page cache never trips it.
 //!
 //! After `fork` without `exec`, the child keeps its own thread's count and
 //! folds the other threads' last published figures into the total (over
@@ -114,7 +128,8 @@
 //!   allocator, counts through jemalloc's own per-thread counters on Linux
 //!   and adds jemalloc's own figures to the trip report
 //!   ([`jemalloc_stats`]). It takes tikv-jemallocator 0.6 or 0.7, whichever
-//!   the program's dependency graph holds.
+//!   the program's dependency graph holds. With it, on Linux, a binary may
+//!   invoke [`c_heap!`].
 //!
 //! # Why `unsafe`
 //!
@@ -126,7 +141,8 @@
 //! total, a slot changing owners and the latch are model-checked with
 //! `loom`. Over jemalloc each thread reads its own jemalloc counters
 //! through the addresses jemalloc gave it (`src/count/jemalloc.rs`), and no
-//! other thread ever reads them. memwatch defines no C library symbol. Each
+//! other thread ever reads them. memwatch defines no C library symbol
+//! unless a binary invokes [`c_heap!`]. Each
 //! `unsafe` block says why it is sound.
 //!
 //! # MSRV
