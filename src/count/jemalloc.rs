@@ -79,9 +79,6 @@ struct Thread {
     deallocated: Cell<*const u64>,
     /// `allocated - deallocated` as of the last fold (or the join).
     folded: Cell<u64>,
-    /// `allocated - deallocated` as of the last look: what a C call
-    /// ([`c_after`]) measures the thread's exact movement from.
-    looked: Cell<u64>,
 }
 
 thread_local! {
@@ -95,7 +92,6 @@ thread_local! {
             allocated: Cell::new(ptr::null()),
             deallocated: Cell::new(ptr::null()),
             folded: Cell::new(0),
-            looked: Cell::new(0),
         }
     };
 }
@@ -340,7 +336,6 @@ fn join() -> bool {
         t.deallocated.set(d);
         t.slot.set(slot);
         t.folded.set(net(t));
-        t.looked.set(t.folded.get());
         t.state.set(ACTIVE);
     });
     thread_joined();
@@ -366,7 +361,6 @@ fn look(t: &Thread, fold: usize) {
     #[cfg(test)]
     LOOKS.with(|l| l.set(l.get() + 1));
     let net = net(t);
-    t.looked.set(net);
     let pending = net.wrapping_sub(t.folded.get()) as isize;
     // SAFETY: an `ACTIVE` thread's slot, claimed by it and held until it
     // frees it in `leave`; slots are never unmapped.
@@ -426,7 +420,12 @@ pub(crate) fn c_after() {
 /// thread has not published, as for Rust calls.
 #[inline]
 fn c_exact(t: &Thread) {
-    let moved = net(t).wrapping_sub(t.looked.get()) as isize;
+    // SAFETY: as in `look`: the calling thread's own slot.
+    let slot = unsafe { &*t.slot.get() };
+    // The net at the last look: what was folded, plus what was published
+    // since (the look either folds or publishes).
+    let looked = t.folded.get().wrapping_add(slot.published() as u64);
+    let moved = net(t).wrapping_sub(looked) as isize;
     if moved.unsigned_abs() > WINDOW {
         look(t, fold_size(super::DEFAULT_SLACK));
         t.level.set(WINDOW as isize);
