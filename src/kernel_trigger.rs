@@ -38,8 +38,9 @@ use crate::{latch, stats};
 static TRIPPED: Mutex<Option<String>> = Mutex::new(None);
 
 /// The trip line's text if this trigger tripped the latch. The watchdog
-/// calls it once it sees the latch set: if this trigger won, it wrote the
-/// text under the lock before the latch could be seen set.
+/// calls it once it sees the latch set: this trigger tries the latch and,
+/// if it won, writes the text, both under this lock, so a watchdog that saw
+/// the latch set and then takes the lock finds the text.
 pub(crate) fn tripped() -> Option<String> {
     TRIPPED.lock().clone()
 }

@@ -81,6 +81,7 @@ impl fmt::Debug for Watchdog {
             .field("shed", &self.shed)
             .field("hysteresis_percent", &self.hysteresis_percent)
             .field("grace", &self.grace)
+            .field("cgroup_ratio", &self.cgroup_ratio)
             .field("exit_code", &self.exit_code)
             .field(
                 "hooks",

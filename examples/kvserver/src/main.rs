@@ -76,15 +76,7 @@ fn main() -> ExitCode {
 }
 
 /// Monotonic clock in nanoseconds, comparable across processes.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is valid and writable; CLOCK_MONOTONIC always exists on Linux.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
+pub use allocator_tests::outside_heap::monotonic_ns;
 
 fn serve(addr: &str, wal_path: PathBuf) -> ExitCode {
     // Block SIGTERM and SIGINT in every thread (threads inherit the mask) so
