@@ -132,6 +132,10 @@ pub(crate) fn thresholds(level: u64, limit: u64) -> Vec<u64> {
         .collect()
 }
 
+/// The PSI trigger on cgroup v2: 100 ms of stall in any 2 s window (a
+/// window that a process without CAP_SYS_RESOURCE may set too).
+const PSI_TRIGGER: &[u8] = b"some 100000 2000000\0";
+
 /// One source of wake-ups.
 struct Signal {
     fd: OwnedFd,
@@ -239,12 +243,10 @@ impl Watch {
             events: libc::POLLPRI,
             rearm: Rearm::ReadFile,
         });
-        // A PSI trigger: 100 ms of stall in any 2 s window (a window that a
-        // process without CAP_SYS_RESOURCE may set too). Optional: kernels
-        // without PSI still have memory.events.
+        // Optional: kernels without PSI still have memory.events.
         let psi_path = cgroup.dir.join("memory.pressure");
         if let Ok(mut psi) = OpenOptions::new().read(true).write(true).open(&psi_path) {
-            if psi.write_all(b"some 100000 2000000\0").is_ok() {
+            if psi.write_all(PSI_TRIGGER).is_ok() {
                 self.signals.push(Signal {
                     fd: psi.into(),
                     name: "a PSI trigger (100 ms stalled in 2 s)",
@@ -412,6 +414,20 @@ mod tests {
             file: 300,
         };
         assert_eq!(f.unreclaimable(), 0, "never negative");
+    }
+
+    /// The kernel's own parser takes the PSI trigger: `/proc/pressure/memory`
+    /// reads triggers as a cgroup's `memory.pressure` does. Skipped where
+    /// the kernel has no PSI or the file is not writable (not root).
+    #[test]
+    fn the_kernel_takes_the_psi_trigger() {
+        let path = "/proc/pressure/memory";
+        match OpenOptions::new().read(true).write(true).open(path) {
+            Ok(mut f) => f
+                .write_all(PSI_TRIGGER)
+                .unwrap_or_else(|e| panic!("{path} refused the trigger: {e}")),
+            Err(e) => eprintln!("SKIPPED: {path}: {e}"),
+        }
     }
 
     #[test]
