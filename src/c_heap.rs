@@ -242,10 +242,12 @@ pub unsafe fn malloc_usable_size(block: *const c_void) -> usize {
 /// What it changes for the whole process: the binary defines the C
 /// library's allocation symbols, so every `malloc` in the process, from any
 /// library or thread, is jemalloc's (glibc's allocator is not used at all).
-/// A second definition (a sanitizer runtime, another allocator crate, or
-/// tikv-jemallocator's `unprefixed_malloc_on_supported_platforms`) fails to
-/// link. Use it in binaries, not in libraries. Linux only, with the
-/// `jemalloc` feature; over `System` it would count every block twice.
+/// Do not combine it with a second definition (a sanitizer runtime, another
+/// allocator crate, or tikv-jemallocator's
+/// `unprefixed_malloc_on_supported_platforms`): two in one link collide, and
+/// the binary's wins over a shared library's. Use it in binaries, not in
+/// libraries. Linux only, with the `jemalloc` feature; over `System` it
+/// would count every block twice.
 ///
 /// A C call costs a thread-local check and a compare of the thread's
 /// jemalloc counters on top of jemalloc's own (docs/benchmarks.md).
