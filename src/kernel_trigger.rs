@@ -23,8 +23,9 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::thread;
+use std::time::Duration;
 
 use log::Level;
 use parking_lot::Mutex;
@@ -56,13 +57,14 @@ pub(crate) fn forget_in_child() {
     *TRIPPED.lock() = None;
 }
 
-/// Starts the trigger at `ratio` of the limiting cgroup's limit. Returns
+/// Starts the trigger at `ratio` of the limiting cgroup's limit, re-read
+/// every `recheck` (zero: never) so that the level follows a resize. Returns
 /// the line that says what it watches, or why it is unavailable.
-pub(crate) fn start(ratio: f64) -> Result<String, String> {
+pub(crate) fn start(ratio: f64, recheck: Duration) -> Result<String, String> {
     let cgroup = limits::limiting_cgroup_at(Path::new("/"))
         .ok_or_else(|| "no memory cgroup with a limit holds this process".to_owned())?;
-    let level = (cgroup.limit as f64 * ratio) as u64;
-    let watch = Watch::open(&cgroup, level)?;
+    let watch = Watch::open(&cgroup, ratio, recheck)?;
+    let level = watch.level;
     let now = watch
         .figures()
         .map_err(|e| format!("reading {}: {e}", cgroup.dir.display()))?;
@@ -70,7 +72,7 @@ pub(crate) fn start(ratio: f64) -> Result<String, String> {
     let line = format!(
         "kernel trigger on: cgroup v{} {}, limit {} bytes, level {level} bytes (ratio {ratio}); \
          charged {} bytes of which file cache {} bytes, so {} bytes reclaim cannot free; \
-         woken by {}",
+         woken by {}; limit {}",
         cgroup.version,
         cgroup.dir.display(),
         cgroup.limit,
@@ -78,6 +80,11 @@ pub(crate) fn start(ratio: f64) -> Result<String, String> {
         now.file,
         now.unreclaimable(),
         signals.join(", "),
+        if recheck.is_zero() {
+            "read once".to_owned()
+        } else {
+            format!("rechecked every {recheck:?}")
+        },
     );
     thread::Builder::new()
         .name("memwatch-cgroup".into())
@@ -101,6 +108,11 @@ impl Figures {
     pub(crate) fn unreclaimable(&self) -> u64 {
         self.charged.saturating_sub(self.file)
     }
+}
+
+/// The trigger's level for `limit` at `ratio`.
+fn level_of(limit: u64, ratio: f64) -> u64 {
+    (limit as f64 * ratio) as u64
 }
 
 /// The file pages (`active_file` + `inactive_file`, v1's hierarchical
@@ -156,8 +168,11 @@ enum Rearm {
 /// The open files the thread needs.
 struct Watch {
     version: u8,
+    path: PathBuf,
     dir: String,
     limit: u64,
+    ratio: f64,
+    recheck: Duration,
     level: u64,
     charged: File,
     stat: File,
@@ -165,7 +180,7 @@ struct Watch {
 }
 
 impl Watch {
-    fn open(cgroup: &LimitingCgroup, level: u64) -> Result<Watch, String> {
+    fn open(cgroup: &LimitingCgroup, ratio: f64, recheck: Duration) -> Result<Watch, String> {
         let open = |name: &str| {
             File::open(cgroup.dir.join(name))
                 .map_err(|e| format!("{}: {e}", cgroup.dir.join(name).display()))
@@ -178,49 +193,67 @@ impl Watch {
         let stat = open("memory.stat")?;
         let mut watch = Watch {
             version: cgroup.version,
+            path: cgroup.dir.clone(),
             dir: cgroup.dir.display().to_string(),
             limit: cgroup.limit,
-            level,
+            ratio,
+            recheck,
+            level: level_of(cgroup.limit, ratio),
             charged,
             stat,
             signals: Vec::new(),
         };
         if cgroup.version == 1 {
-            watch.signals_v1(cgroup)?;
+            watch.signals_v1()?;
         } else {
             watch.signals_v2(cgroup)?;
         }
         Ok(watch)
     }
 
-    fn signals_v1(&mut self, cgroup: &LimitingCgroup) -> Result<(), String> {
-        let control_path = cgroup.dir.join("cgroup.event_control");
+    /// Registers `efd` for cgroup v1's event on `target` with `arg`, one
+    /// write to `cgroup.event_control` each.
+    fn register_v1(&self, efd: &OwnedFd, target: &File, args: &[String]) -> Result<(), String> {
+        let control_path = self.path.join("cgroup.event_control");
         let mut control = OpenOptions::new()
             .write(true)
             .open(&control_path)
             .map_err(|e| format!("{}: {e}", control_path.display()))?;
-        let mut register = |efd: &OwnedFd, target: &File, arg: &str| {
-            // One write is one registration.
+        for arg in args {
             let line = format!("{} {} {arg}", efd.as_raw_fd(), target.as_raw_fd());
             control
                 .write_all(line.as_bytes())
-                .map_err(|e| format!("{} ({line}): {e}", control_path.display()))
-        };
-        let usage = eventfd()?;
-        for t in thresholds(self.level, self.limit) {
-            register(&usage, &self.charged, &t.to_string())?;
+                .map_err(|e| format!("{} ({line}): {e}", control_path.display()))?;
         }
+        Ok(())
+    }
+
+    /// A new eventfd registered for the usage thresholds of the current
+    /// level and limit (v1).
+    fn usage_thresholds(&self) -> Result<OwnedFd, String> {
+        let usage = eventfd()?;
+        let args: Vec<String> = thresholds(self.level, self.limit)
+            .iter()
+            .map(u64::to_string)
+            .collect();
+        self.register_v1(&usage, &self.charged, &args)?;
+        Ok(usage)
+    }
+
+    fn signals_v1(&mut self) -> Result<(), String> {
+        // The usage thresholds first: `follow_limit` replaces them.
+        let usage = self.usage_thresholds()?;
         self.signals.push(Signal {
             fd: usage,
             name: "usage threshold events",
             events: libc::POLLIN,
             rearm: Rearm::EventFd,
         });
-        let pressure_path = cgroup.dir.join("memory.pressure_level");
+        let pressure_path = self.path.join("memory.pressure_level");
         let pressure_file =
             File::open(&pressure_path).map_err(|e| format!("{}: {e}", pressure_path.display()))?;
         let pressure = eventfd()?;
-        register(&pressure, &pressure_file, "low")?;
+        self.register_v1(&pressure, &pressure_file, &["low".to_owned()])?;
         self.signals.push(Signal {
             fd: pressure,
             name: "memory pressure events",
@@ -273,17 +306,61 @@ impl Watch {
         Ok(Figures { charged, file })
     }
 
-    /// The thread: look, sleep until the kernel signals, look again.
-    fn run(self) {
-        let mut fds: Vec<libc::pollfd> = self
-            .signals
-            .iter()
-            .map(|s| libc::pollfd {
-                fd: s.fd.as_raw_fd(),
-                events: s.events,
-                revents: 0,
-            })
-            .collect();
+    /// The limit recheck: if the cgroup's limit moved (a resize), moves
+    /// the level with it and, on v1, registers the usage thresholds anew.
+    /// Returns whether it moved.
+    fn follow_limit(&mut self) -> bool {
+        let Some(now) = limits::limiting_cgroup_at(Path::new("/")) else {
+            return false;
+        };
+        if now.dir != self.path || now.limit == self.limit {
+            return false;
+        }
+        let old = self.limit;
+        self.limit = now.limit;
+        self.level = level_of(now.limit, self.ratio);
+        emit(
+            Level::Info,
+            format_args!(
+                "kernel trigger: the limit of {} moved from {old} to {} bytes; level now {} bytes",
+                self.dir, self.limit, self.level
+            ),
+        );
+        if self.version == 1 {
+            match self.usage_thresholds() {
+                // The old eventfd is closed, which unregisters its events.
+                Ok(fd) => self.signals[0].fd = fd,
+                Err(e) => emit(
+                    Level::Warn,
+                    format_args!(
+                        "kernel trigger: could not move its usage thresholds ({e}); \
+                         pressure events still wake it"
+                    ),
+                ),
+            }
+        }
+        true
+    }
+
+    /// The thread: look, sleep until the kernel signals (or the limit
+    /// recheck finds a resize), look again.
+    fn run(mut self) {
+        let pollfds = |signals: &[Signal]| -> Vec<libc::pollfd> {
+            signals
+                .iter()
+                .map(|s| libc::pollfd {
+                    fd: s.fd.as_raw_fd(),
+                    events: s.events,
+                    revents: 0,
+                })
+                .collect()
+        };
+        let mut fds = pollfds(&self.signals);
+        // No timeout without a recheck: only the kernel wakes the thread.
+        let timeout = match self.recheck.as_millis() {
+            0 => -1,
+            ms => ms.min(i32::MAX as u128) as libc::c_int,
+        };
         let mut woken_by = "the check at start";
         loop {
             match self.figures() {
@@ -305,18 +382,28 @@ impl Watch {
                     return;
                 }
             }
-            loop {
+            let resized = loop {
                 // SAFETY: `fds` is a live, initialised array of `fds.len()`
                 // pollfd structures, and each fd stays open for the loop.
-                let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+                let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
                 if n > 0 {
-                    break;
+                    break false;
+                }
+                // The recheck period passed with no signal: the figures are
+                // read again only if the limit moved.
+                if n == 0 && self.follow_limit() {
+                    fds = pollfds(&self.signals);
+                    break true;
                 }
                 let e = io::Error::last_os_error();
                 if n < 0 && e.kind() != io::ErrorKind::Interrupted {
                     emit(Level::Warn, format_args!("kernel trigger off: poll: {e}"));
                     return;
                 }
+            };
+            if resized {
+                woken_by = "a resize of the limit";
+                continue;
             }
             for (pfd, signal) in fds.iter_mut().zip(&self.signals) {
                 if pfd.revents == 0 {

@@ -217,7 +217,9 @@ impl Watchdog {
     /// cgroup v1; `memory.events` changes and a PSI trigger on v2), then
     /// reads the charge less the file cache, which reclaim can always take
     /// back, and starts the same shutdown once that reaches the level. It
-    /// never trips on page cache. It needs a shutdown threshold as well
+    /// never trips on page cache. Its level follows a resize of the cgroup,
+    /// read every limit recheck period ([`limit_recheck`](Self::limit_recheck)).
+    /// It needs a shutdown threshold as well
     /// (the heap threshold arms the watchdog); where the process is in no
     /// memory cgroup with a limit, or cannot register for the events, one
     /// info line says why it is unavailable.
@@ -450,7 +452,7 @@ impl Watchdog {
         check_now(threshold, shed);
         match self.cgroup_ratio {
             Ok(None) => {}
-            Ok(Some(ratio)) => match kernel_trigger::start(ratio) {
+            Ok(Some(ratio)) => match kernel_trigger::start(ratio, recheck) {
                 Ok(line) => emit(Level::Info, format_args!("{line}")),
                 Err(why) => emit(
                     Level::Info,

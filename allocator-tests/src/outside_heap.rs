@@ -61,7 +61,9 @@ pub fn limit(cgroup: &str) -> Option<u64> {
 /// hook stops intake (or twice the cgroup's limit is mapped). Prints
 /// `crossed_ns` when its own reading first reaches
 /// `ELASTICKV_MEMORY_CGROUP_THRESHOLD_RATIO` of the limit, and the hook
-/// prints `hooks_started_ns`. `GROW_PAUSE_US` pauses between steps.
+/// prints `hooks_started_ns`. `GROW_PAUSE_US` pauses between steps;
+/// `GROW_UNTIL_MIB` stops growing there, prints `held MiB: N` and waits up
+/// to 20 s for the shutdown (then prints `not tripped`).
 pub fn mmap_grows() {
     static STOP: AtomicBool = AtomicBool::new(false);
     init_logging();
@@ -78,6 +80,10 @@ pub fn mmap_grows() {
             .and_then(|p| p.parse().ok())
             .unwrap_or(0),
     );
+    let until = std::env::var("GROW_UNTIL_MIB")
+        .ok()
+        .and_then(|m| m.parse::<u64>().ok())
+        .map(|m| m << 20);
     let watchdog = memwatch::Watchdog::from_env()
         .on_shutdown("stop intake", || {
             let at = monotonic_ns();
@@ -115,6 +121,17 @@ pub fn mmap_grows() {
         }
         if !pause.is_zero() {
             std::thread::sleep(pause);
+        }
+        if until.is_some_and(|u| mapped >= u) {
+            println!("held MiB: {}", mapped >> 20);
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while !STOP.load(SeqCst) && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if !STOP.load(SeqCst) {
+                println!("not tripped");
+            }
+            break;
         }
     }
     println!("mapped_mib: {}", mapped >> 20);

@@ -155,6 +155,92 @@ fn on_cgroup_v2_anonymous_mmap_growth_exits_2() {
     }
 }
 
+/// A resize of the cgroup moves the trigger's level: 200 MiB of anonymous
+/// memory held in a 512 MiB cgroup with the trigger at 0.7 (358 MiB) trips
+/// nothing; lowering the limit to 256 MiB (level 179 MiB) trips it within
+/// the recheck period, although no kernel event comes (the charge is far
+/// from the new limit and crosses no registered threshold).
+#[test]
+fn a_resize_of_the_cgroup_moves_the_trigger_level() {
+    use std::io::{BufRead, BufReader};
+    use std::sync::mpsc;
+    use std::time::{Duration, Instant};
+
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let cg = match Cgroup::create(
+        &format!("memwatch-test-trigger-resize-{}", std::process::id()),
+        512 << 20,
+    ) {
+        Ok(cg) => cg,
+        Err(why) => return skip_or_fail(&why),
+    };
+    prepare(&cg);
+    let mut cmd = cg.command(&bin_path("mmap_grows"), &[]);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("ELASTICKV_MEMORY_") {
+            cmd.env_remove(name);
+        }
+    }
+    let mut child = cmd
+        .env(THRESHOLD, "4096")
+        .env(RATIO, "0.7")
+        .env("ELASTICKV_MEMORY_LIMIT_RECHECK", "100ms")
+        .env("GROW_UNTIL_MIB", "200")
+        .env("SCENARIO_CGROUP", cg.dir())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn mmap_grows");
+    let (tx, lines) = mpsc::channel::<String>();
+    for stream in [
+        Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+        Box::new(child.stderr.take().unwrap()),
+    ] {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+    }
+    drop(tx);
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !seen.iter().any(|l: &String| l.starts_with("held MiB")) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) => seen.push(line),
+            Err(_) => panic!("never held 200 MiB:\n{}", seen.join("\n")),
+        }
+    }
+    let limit_file = if cg.version == 1 {
+        "memory.limit_in_bytes"
+    } else {
+        "memory.max"
+    };
+    if cg.version == 2 {
+        cg.write("memory.high", &(240u64 << 20).to_string())
+            .unwrap();
+    }
+    cg.write(limit_file, &(256u64 << 20).to_string()).unwrap();
+    let resized = Instant::now();
+    let status = child.wait().unwrap();
+    let took = resized.elapsed();
+    seen.extend(lines.iter());
+    let log = seen.join("\n");
+    assert_eq!(status.code(), Some(2), "{log}");
+    assert_eq!(cg.oom_kills(), Some(0), "{log}");
+    assert!(
+        log.contains("moved from 536870912 to 268435456 bytes; level now 187904819 bytes"),
+        "{log}"
+    );
+    assert!(log.contains("woken by a resize of the limit"), "{log}");
+    assert!(!log.contains("not tripped"), "{log}");
+    assert!(took < Duration::from_secs(5), "{took:?}: {log}");
+    println!("exit 2 {took:?} after the resize");
+}
+
 /// A writer streams 512 MiB through the page cache of a 256 MiB cgroup with
 /// the trigger at 50%: the cache fills the cgroup to its limit, the kernel
 /// signals pressure, the trigger looks and does not trip, 10 of 10 runs.
