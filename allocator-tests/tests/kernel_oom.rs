@@ -186,9 +186,6 @@ fn a_ratio_threshold_follows_the_cgroup_limit() {
 
 #[test]
 fn ratio_levels_follow_a_resize_of_the_cgroup() {
-    use std::io::{BufRead, BufReader};
-    use std::sync::mpsc;
-
     let Some(cg) = cgroup_or_skip("resize", 512 << 20) else {
         return;
     };
@@ -214,19 +211,7 @@ fn ratio_levels_follow_a_resize_of_the_cgroup() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn holds_and_waits");
-    let (tx, lines) = mpsc::channel::<String>();
-    for stream in [
-        Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-        Box::new(child.stderr.take().unwrap()),
-    ] {
-        let tx = tx.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-    }
-    drop(tx);
+    let lines = common::lines_of(&mut child);
     let mut seen = Vec::new();
     let mut wait_for = |needle: &str| -> String {
         let deadline = Instant::now() + Duration::from_secs(20);

@@ -162,8 +162,6 @@ fn on_cgroup_v2_anonymous_mmap_growth_exits_2() {
 /// from the new limit and crosses no registered threshold).
 #[test]
 fn a_resize_of_the_cgroup_moves_the_trigger_level() {
-    use std::io::{BufRead, BufReader};
-    use std::sync::mpsc;
     use std::time::{Duration, Instant};
 
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
@@ -192,19 +190,7 @@ fn a_resize_of_the_cgroup_moves_the_trigger_level() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn mmap_grows");
-    let (tx, lines) = mpsc::channel::<String>();
-    for stream in [
-        Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-        Box::new(child.stderr.take().unwrap()),
-    ] {
-        let tx = tx.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-    }
-    drop(tx);
+    let lines = common::lines_of(&mut child);
     let mut seen = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(20);
     while !seen.iter().any(|l: &String| l.starts_with("held MiB")) {

@@ -126,6 +126,25 @@ pub fn run_with_args(bin: &str, args: &[&str], env: &[(&str, &str)], limit: Dura
     run
 }
 
+/// Every line a child with piped standard output and error writes on
+/// either, in one channel, as it comes.
+pub fn lines_of(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
+    use std::io::{BufRead, BufReader};
+    let (tx, lines) = std::sync::mpsc::channel::<String>();
+    for stream in [
+        Box::new(child.stdout.take().expect("piped stdout")) as Box<dyn std::io::Read + Send>,
+        Box::new(child.stderr.take().expect("piped stderr")),
+    ] {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+    }
+    lines
+}
+
 pub fn bin_path(bin: &str) -> PathBuf {
     // Cargo builds every binary of this package before its integration
     // tests and tells us where: CARGO_BIN_EXE_<name> at compile time. The
