@@ -73,41 +73,7 @@ fn c_allocations_alone_trip_the_heap_threshold() {
 /// threshold, and with one at 128 MiB end in exit 2 with no OOM kill.
 #[test]
 fn c_heap_growth_exits_2_where_the_kernel_oom_kills() {
-    use std::os::unix::process::ExitStatusExt;
-    use std::process::Stdio;
-
-    for threshold in [None, Some("128")] {
-        let name = format!("c-heap-{}", threshold.unwrap_or("off"));
-        let Some(cg) = allocator_tests::cgroup::cgroup_or_skip(&name, 256 << 20) else {
-            return;
-        };
-        let mut cmd = cg.command(&common::bin_path("c_heap"), &["trip"]);
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("ELASTICKV_MEMORY_") {
-                cmd.env_remove(k);
-            }
-        }
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        if let Some(t) = threshold {
-            cmd.env(THRESHOLD, t);
-        }
-        let out = cmd.output().expect("spawn c_heap");
-        let kills = cg.oom_kills();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        match threshold {
-            None => {
-                assert_eq!(out.status.signal(), Some(9), "the baseline: {stderr}");
-                assert!(kills >= Some(1), "oom_kill {kills:?}");
-            }
-            Some(_) => {
-                assert_eq!(out.status.code(), Some(2), "{stderr}");
-                assert_eq!(kills, Some(0), "oom_kill {kills:?}: {stderr}");
-            }
-        }
-        println!("{name}: {:?}, oom_kill {kills:?}", out.status);
-    }
+    common::oom_killed_or_exit_2("c-heap", 256 << 20, "c_heap", &["trip"], "128");
 }
 
 /// The macro is per binary: the binary that invokes it defines `malloc`,

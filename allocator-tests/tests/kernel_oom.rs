@@ -288,33 +288,11 @@ fn ratio_levels_follow_a_resize_of_the_cgroup() {
 /// 256 MiB threshold memwatch exits 2 first, and the kernel kills nothing.
 #[test]
 fn idle_threads_exit_2_where_the_kernel_oom_kills() {
-    for threshold in [None, Some("256")] {
-        let name = format!("idle-{}", threshold.unwrap_or("off"));
-        let Some(cg) = cgroup_or_skip(&name, 400 << 20) else {
-            return;
-        };
-        let mut cmd = cg.command(&bin_path("idle_threads"), &["100", "128", "4085"]);
-        cmd.env_remove(THRESHOLD)
-            .env_remove("ELASTICKV_MEMORY_SHUTDOWN_GRACE")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        if let Some(t) = threshold {
-            cmd.env(THRESHOLD, t);
-        }
-        let out = cmd.output().expect("spawn idle_threads");
-        let kills = cg.oom_kills();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        match threshold {
-            None => {
-                assert_eq!(out.status.signal(), Some(9), "the baseline: {out:?}");
-                assert!(kills >= Some(1), "oom_kill {kills:?}: {stderr}");
-            }
-            Some(_) => {
-                assert_eq!(out.status.code(), Some(2), "{out:?}");
-                assert_eq!(kills, Some(0), "oom_kill {kills:?}: {stderr}");
-            }
-        }
-        println!("{name}: {:?}, oom_kill {kills:?}", out.status);
-    }
+    common::oom_killed_or_exit_2(
+        "idle",
+        400 << 20,
+        "idle_threads",
+        &["100", "128", "4085"],
+        "256",
+    );
 }

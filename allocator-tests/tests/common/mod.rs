@@ -145,6 +145,48 @@ pub fn lines_of(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<St
     lines
 }
 
+/// The real kernel as the baseline: runs `bin args` in a fresh memory
+/// cgroup of `limit` bytes twice, without a heap threshold (the kernel must
+/// OOM-kill it) and with `threshold_mib` (it must exit 2 with no OOM kill).
+/// Returns early where the machine gives no cgroup (see
+/// `allocator_tests::cgroup::cgroup_or_skip`).
+pub fn oom_killed_or_exit_2(name: &str, limit: u64, bin: &str, args: &[&str], threshold_mib: &str) {
+    use std::os::unix::process::ExitStatusExt;
+
+    for threshold in [None, Some(threshold_mib)] {
+        let name = format!("{name}-{}", threshold.unwrap_or("off"));
+        let Some(cg) = allocator_tests::cgroup::cgroup_or_skip(&name, limit) else {
+            return;
+        };
+        let mut cmd = cg.command(&bin_path(bin), args);
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("ELASTICKV_MEMORY_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(t) = threshold {
+            cmd.env(THRESHOLD, t);
+        }
+        let out = cmd.output().expect("spawn the scenario");
+        let kills = cg.oom_kills();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        match threshold {
+            None => {
+                assert_eq!(out.status.signal(), Some(9), "the baseline: {stderr}");
+                assert!(kills >= Some(1), "oom_kill {kills:?}: {stderr}");
+            }
+            Some(_) => {
+                assert_eq!(out.status.code(), Some(2), "{stderr}");
+                assert_eq!(kills, Some(0), "oom_kill {kills:?}: {stderr}");
+            }
+        }
+        println!("{name}: {:?}, oom_kill {kills:?}", out.status);
+    }
+}
+
 pub fn bin_path(bin: &str) -> PathBuf {
     // Cargo builds every binary of this package before its integration
     // tests and tells us where: CARGO_BIN_EXE_<name> at compile time. The
