@@ -43,13 +43,17 @@ pub struct Snapshot {
 /// at least) and no lock: fine for a metrics endpoint, and no thread ever
 /// waits for a reading.
 pub fn live_bytes() -> usize {
-    clamp(count::live_bytes())
+    let now = count::live_bytes();
+    // A reading is a figure seen too: the peak never reads below it.
+    latch::note_peak(now);
+    clamp(now)
 }
 
-/// The highest live-bytes figure seen at a fold. Folds happen when a
-/// thread's count has moved by more than the slack since its last fold
-/// (over jemalloc, looked at once its net has moved by 48 KiB), so this can read
-/// low by up to that much per thread.
+/// The highest live-bytes figure seen at a fold or by [`live_bytes`]: never
+/// below a reading taken before it. Folds happen when a thread's count has
+/// moved by more than its share of the error budget since its last fold, so
+/// a peak that no fold or reading saw can be missed by up to that much per
+/// thread.
 pub fn peak_bytes() -> usize {
     clamp(latch::peak())
 }
