@@ -42,7 +42,9 @@ pub fn trace(line: &str) {
 
 /// A buffer of `mib` MiB with every page written, so it is resident.
 pub fn touched(mib: usize) -> Vec<u8> {
-    vec![0xA5; mib << 20]
+    // `black_box`: a block that is only written and then dropped is one
+    // the optimizer may remove, allocation and all.
+    std::hint::black_box(vec![0xA5; mib << 20])
 }
 
 /// Allocates 1 MiB at a time, holding all of it, until the latch trips or

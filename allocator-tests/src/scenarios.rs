@@ -445,8 +445,8 @@ fn fork_child_checks() -> bool {
     for t in 0..8 {
         let leak = thread::spawn(move || {
             let churn: Vec<Vec<u8>> = (0..200).map(|i| vec![1u8; 100 + i * 13]).collect();
-            drop(churn);
-            vec![7u8; 5000 + t].leak().len()
+            drop(std::hint::black_box(churn));
+            std::hint::black_box(vec![7u8; 5000 + t]).leak().len()
         });
         leaked += leak.join().unwrap();
     }
@@ -665,9 +665,10 @@ const LEAK: usize = 300 << 10;
 /// and the free of the 4 MiB block the main thread handed over.
 extern "C" fn foreign_work() {
     let churn: Vec<Vec<u8>> = (0..500).map(|i| vec![1u8; 16 + i * 7]).collect();
-    drop(churn);
+    drop(std::hint::black_box(churn));
     for _ in 0..LEAK / 1024 {
-        std::mem::forget(vec![2u8; 1024]);
+        // `black_box`: else the optimizer removes a leak nobody reads.
+        std::mem::forget(std::hint::black_box(vec![2u8; 1024]));
     }
     let handed = HANDED.swap(std::ptr::null_mut(), Ordering::SeqCst);
     if !handed.is_null() {
