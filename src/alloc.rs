@@ -135,7 +135,7 @@ unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for MemWatch<A> {
                 // allocator (hence from `inner`, since every method
                 // forwards) with `layout`.
                 unsafe { self.inner.dealloc(ptr, layout) }
-            } else if layout.size() > je::WINDOW {
+            } else if je::plain(layout) && layout.size() > je::WINDOW {
                 // SAFETY: as above.
                 unsafe { Self::dealloc_large(ptr, layout, self) }
             } else {
@@ -190,7 +190,7 @@ impl<A: GlobalAlloc + 'static> MemWatch<A> {
             return if je::add(layout, self.slack) {
                 // SAFETY: the caller upholds the contract for `layout`.
                 unsafe { self.inner_alloc(layout, zeroed) }
-            } else if layout.size() > je::WINDOW {
+            } else if je::plain(layout) && layout.size() > je::WINDOW {
                 // SAFETY: as above.
                 unsafe { Self::alloc_large(layout, zeroed, self) }
             } else {
@@ -291,18 +291,20 @@ impl<A: GlobalAlloc + 'static> MemWatch<A> {
         std::any::TypeId::of::<A>() == std::any::TypeId::of::<tikv_jemallocator::Jemalloc>()
     }
 
+    /// A plain allocation off the fast path that is larger than the
+    /// window: on a thread with a slot, jemalloc's call and then its usable
+    /// size published (a program of 64 KiB blocks comes here on every
+    /// call); otherwise the cold path. `#[cold]` for the fast path's sake:
+    /// the compiler then keeps the fast path's tests as plain branches.
+    ///
     /// # Safety
     ///
-    /// As [`GlobalAlloc::alloc`] (or `alloc_zeroed` if `zeroed`).
-    /// An allocation off the fast path that is larger than the window: a
-    /// plain block on a thread with a slot takes jemalloc's call and then a
-    /// look (a program of 64 KiB blocks comes here on every call); anything
-    /// else goes on to the cold path. `#[cold]` for the fast path's sake: the
-    /// compiler then keeps the fast path's tests as plain branches.
+    /// As [`GlobalAlloc::alloc`] (or `alloc_zeroed` if `zeroed`), for a
+    /// plain layout larger than the window.
     #[cold]
     #[inline(never)]
     unsafe fn alloc_large(layout: Layout, zeroed: bool, this: &Self) -> *mut u8 {
-        if je::large(layout, this.slack) {
+        if je::large_ready() {
             // SAFETY: the caller upholds the contract for `layout`.
             unsafe { je::alloc_large(layout.size(), zeroed, this.slack) }
         } else {
@@ -311,12 +313,17 @@ impl<A: GlobalAlloc + 'static> MemWatch<A> {
         }
     }
 
-    /// A free off the fast path that is larger than the window; see
+    /// A plain free off the fast path that is larger than the window; see
     /// [`Self::alloc_large`].
+    ///
+    /// # Safety
+    ///
+    /// As [`GlobalAlloc::dealloc`], for a plain layout larger than the
+    /// window.
     #[cold]
     #[inline(never)]
     unsafe fn dealloc_large(ptr: *mut u8, layout: Layout, this: &Self) {
-        if je::large(layout, this.slack) {
+        if je::large_ready() {
             // SAFETY: the caller's contract for `dealloc`.
             unsafe { je::free_large(ptr, layout.size(), this.slack) }
         } else {

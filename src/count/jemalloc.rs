@@ -19,8 +19,9 @@
 //!   it into the shared total once it exceeds the thread's share of the
 //!   error budget, and re-centres the level; a reallocation always does;
 //! - a plain call larger than the window takes a short path of its own
-//!   ([`alloc_large`], [`free_large`]): jemalloc's call, then the same
-//!   look, so the total sees the block at once;
+//!   ([`alloc_large`], [`free_large`]): it publishes the block's usable
+//!   size, which it computes as jemalloc does, and leaves the level alone,
+//!   so the reading sees the block at once;
 //! - at the thread's end, what is left is folded and the slot freed.
 //!
 //! Only the owner ever reads its jemalloc counters, so no memory that
@@ -79,6 +80,10 @@ struct Thread {
     deallocated: Cell<*const u64>,
     /// `allocated - deallocated` as of the last fold (or the join).
     folded: Cell<u64>,
+    /// How this jemalloc rounds a large request ([`large_rounding`]); 0
+    /// while the thread has no slot, or if the rounding is not known, and
+    /// large calls then look at the counters instead.
+    large: Cell<usize>,
 }
 
 thread_local! {
@@ -92,6 +97,7 @@ thread_local! {
             allocated: Cell::new(ptr::null()),
             deallocated: Cell::new(ptr::null()),
             folded: Cell::new(0),
+            large: Cell::new(0),
         }
     };
 }
@@ -222,25 +228,104 @@ pub(crate) enum After {
     CountItself,
 }
 
-/// Whether a plain call larger than the window, on a thread that has its
-/// slot, may skip the cold path: it publishes right after jemalloc returns
-/// ([`after`]), inline.
+/// Whether the calling thread, which has a plain call larger than
+/// [`WINDOW`] to make, may skip the cold path: it has its slot, and its
+/// exact usable size ([`large_usable`]) is published at once, without a
+/// look ([`alloc_large`], [`free_large`]).
 #[inline(always)]
-pub(crate) fn large(layout: Layout, slack: usize) -> bool {
-    plain(layout) && layout.size() > window(slack) && THREAD.with(|t| t.state.get()) == ACTIVE
+pub(crate) fn large_ready() -> bool {
+    THREAD.with(|t| t.large.get()) != 0
 }
 
-/// A plain allocation (`zeroed`: plain `calloc`) larger than the window,
-/// on a thread with a slot: jemalloc's call, then a look at the thread's
-/// counters, so the total sees the block at once. Out of line and not
-/// cold: inlined into the allocator's cold dispatch, this same code read
-/// 1.04x to 1.09x bare jemalloc on 64 KiB pairs instead of 1.03x.
+/// [`large_rounding`]: jemalloc's size classes, four per doubling.
+const CLASSES: usize = usize::MAX;
+/// [`LARGE`] before the first join has looked.
+const NOT_YET: usize = 1;
+
+/// How this process's jemalloc rounds a plain request larger than
+/// [`WINDOW`]: [`CLASSES`], or a page mask (jemalloc 5.3.1 rounds large
+/// requests up to whole pages by default, `opt.disable_large_size_classes`),
+/// or 0 if neither agrees with `nallocx`. Found by the first join.
+static LARGE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(NOT_YET);
+
+/// The usable size jemalloc gives, and adds to the thread's counters for, a
+/// plain request of `size` bytes, `WINDOW < size <= isize::MAX`, rounded as
+/// `rounding` says ([`large_rounding`], not 0). A request past jemalloc's
+/// largest class fails, so no block of it is ever counted.
+#[inline(always)]
+pub(crate) const fn large_usable(size: usize, rounding: usize) -> usize {
+    let mask = if rounding == CLASSES {
+        // Classes `2^(lg - 3)` apart below `2^lg = ceil(log2(size))`.
+        let lg = usize::BITS - (size - 1).leading_zeros();
+        (1usize << (lg - 3)) - 1
+    } else {
+        rounding
+    };
+    (size + mask) & !mask
+}
+
+/// [`LARGE`], found once: jemalloc's own option and page size say which
+/// rounding it uses, and `nallocx` must agree ([`agrees_with_jemalloc`]),
+/// else large calls keep looking at the counters. Racing first joins find
+/// the same.
+pub(crate) fn large_rounding() -> usize {
+    // Relaxed: a value found from jemalloc alone; any thread finds the same.
+    let known = LARGE.load(std::sync::atomic::Ordering::Relaxed);
+    if known != NOT_YET {
+        return known;
+    }
+    // SAFETY: jemalloc documents both types (the option exists from 5.3.1).
+    let (pages, page) = unsafe {
+        (
+            read::<bool>(c"opt.disable_large_size_classes").unwrap_or(false),
+            read::<usize>(c"arenas.page"),
+        )
+    };
+    let rounding = match (pages, page) {
+        (false, _) => CLASSES,
+        (true, Some(page)) if page.is_power_of_two() => page - 1,
+        (true, _) => 0,
+    };
+    let found = if agrees_with_jemalloc(rounding) {
+        rounding
+    } else {
+        0
+    };
+    LARGE.store(found, std::sync::atomic::Ordering::Relaxed);
+    found
+}
+
+/// Whether [`large_usable`] with `rounding` gives what `nallocx` gives at,
+/// and one byte either side of, every size-class boundary from 64 KiB to
+/// 2^40 and every 4 KiB page from the window to four times it.
+pub(crate) fn agrees_with_jemalloc(rounding: usize) -> bool {
+    if rounding == 0 {
+        return false;
+    }
+    let agrees = |size: usize| {
+        // SAFETY: `nallocx` computes a size class; it allocates nothing.
+        large_usable(size, rounding) == unsafe { sys::nallocx(size, 0) }
+    };
+    let classes = (16..40).flat_map(|lg| (4..8).map(move |q| q << (lg - 2)));
+    let pages = (WINDOW >> 12..(4 * WINDOW) >> 12).map(|p| p << 12);
+    classes
+        .chain(pages)
+        .filter(|&b| b > WINDOW + 1)
+        .all(|b| agrees(b - 1) && agrees(b) && agrees(b + 1))
+}
+
+/// A plain allocation (`zeroed`: plain `calloc`) larger than [`WINDOW`], on
+/// a thread with a slot: jemalloc's call, then its usable size published
+/// (no look at the counters, which a program of 64 KiB blocks would make
+/// on every call). Out of line and not cold: inlined into the allocator's
+/// cold dispatch, a look after the call read 1.04x to 1.09x bare jemalloc
+/// on 64 KiB pairs instead of 1.03x.
 ///
 /// # Safety
 ///
-/// As `GlobalAlloc::alloc` for a layout of `size` bytes for which
-/// [`large`] holds.
-#[inline(never)]
+/// As `GlobalAlloc::alloc` for a plain layout of `size > WINDOW` bytes, on
+/// a thread for which [`large_ready`] holds.
+#[inline(always)]
 pub(crate) unsafe fn alloc_large(size: usize, zeroed: bool, slack: usize) -> *mut u8 {
     // SAFETY: plain `malloc`/`calloc`, as tikv-jemallocator calls them for a
     // plain layout ([`plain`]); the caller's contract.
@@ -251,23 +336,89 @@ pub(crate) unsafe fn alloc_large(size: usize, zeroed: bool, slack: usize) -> *mu
             sys::malloc(size)
         }
     };
-    after(slack);
+    // Only once jemalloc succeeded: a refused request counts nothing.
+    if !ptr.is_null() {
+        publish_allocated(size, slack);
+    }
     ptr.cast()
 }
 
-/// A plain free larger than the window on a thread with a slot; see
-/// [`alloc_large`].
+/// A plain free larger than [`WINDOW`] on a thread with a slot: its usable
+/// size is published first, then the free is jemalloc's, as a jump. A
+/// reading in between sees the block gone an instant early.
 ///
 /// # Safety
 ///
 /// As `GlobalAlloc::dealloc`: `block` is a live block of this allocator of
-/// `size` bytes, with a layout for which [`large`] holds.
-#[inline(never)]
+/// `size > WINDOW` bytes, with a plain layout, on a thread for which
+/// [`large_ready`] holds.
+#[inline(always)]
 pub(crate) unsafe fn free_large(block: *mut u8, size: usize, slack: usize) {
+    let due = THREAD.with(|t| {
+        // SAFETY: as in `look`: an `ACTIVE` thread's own slot.
+        let slot = unsafe { &*t.slot.get() };
+        let pending = slot
+            .published()
+            .wrapping_sub(large_usable(size, t.large.get()) as isize);
+        if pending.unsigned_abs() > fold_size(slack) {
+            Some(pending)
+        } else {
+            slot.publish(pending);
+            None
+        }
+    });
+    if let Some(pending) = due {
+        // SAFETY: the caller's contract.
+        return unsafe { fold_then_free(block, size, pending) };
+    }
     // SAFETY: sized free with no flags, as tikv-jemallocator frees a plain
     // layout; the caller's contract.
     unsafe { sys::sdallocx(block.cast(), size, 0) };
-    after(slack);
+}
+
+/// [`free_large`] when its free makes a fold due: the fold, then the free.
+/// Out of line, so that the common case saves no register.
+///
+/// # Safety
+///
+/// As [`free_large`].
+#[cold]
+#[inline(never)]
+unsafe fn fold_then_free(block: *mut u8, size: usize, pending: isize) {
+    THREAD.with(|t| {
+        // SAFETY: as in `look`.
+        fold_pending(t, unsafe { &*t.slot.get() }, pending);
+    });
+    // SAFETY: as in `free_large`.
+    unsafe { sys::sdallocx(block.cast(), size, 0) };
+}
+
+/// Adds the usable size of a large allocation of `size` bytes to what the
+/// calling thread published, folding once that is more than its share
+/// either way. The next look publishes `net - folded` again, which has the
+/// block in it: jemalloc's counters moved by exactly that usable size.
+#[inline(always)]
+fn publish_allocated(size: usize, slack: usize) {
+    THREAD.with(|t| {
+        // SAFETY: as in `look`: an `ACTIVE` thread's own slot.
+        let slot = unsafe { &*t.slot.get() };
+        let usable = large_usable(size, t.large.get()) as isize;
+        let pending = slot.published().wrapping_add(usable);
+        if pending.unsigned_abs() > fold_size(slack) {
+            fold_pending(t, slot, pending);
+        } else {
+            slot.publish(pending);
+        }
+    });
+}
+
+/// The fold of a large call, out of line: `pending` moves into the total
+/// and into what the next look subtracts from the counters' net.
+#[cold]
+#[inline(never)]
+fn fold_pending(t: &Thread, slot: &Slot, pending: isize) {
+    t.folded.set(t.folded.get().wrapping_add(pending as u64));
+    observe(slot.fold_published(&TOTAL, pending));
 }
 
 /// After a call larger than the window: publishes (or folds) at once and
@@ -336,6 +487,7 @@ fn join() -> bool {
         t.deallocated.set(d);
         t.slot.set(slot);
         t.folded.set(net(t));
+        t.large.set(large_rounding());
         t.state.set(ACTIVE);
     });
     thread_joined();
@@ -454,6 +606,7 @@ pub(crate) fn leave() {
         }
         look(t, 0);
         t.level.set(OUTSIDE);
+        t.large.set(0);
         Some(t.slot.replace(ptr::null()))
     });
     if let Some(slot) = slot {

@@ -67,6 +67,10 @@ fn the_threshold_check_lags_the_reading_by_less_than_the_slack_and_64_kib() {
         for i in 0..4000usize {
             if i % 5 == 4 {
                 free(&JE, held.swap_remove(i % held.len()));
+            } else if i % 7 == 0 {
+                // Larger than the window: published at once, folded by
+                // what was published (not by a look at the counters).
+                held.push(alloc(&JE, (48 << 10) + 1 + (i * 7919) % (400 << 10)));
             } else {
                 held.push(alloc(&JE, 64 + (i * 7919) % 40_000));
             }
@@ -188,6 +192,98 @@ fn blocks_larger_than_the_window_are_seen_by_other_threads_at_once() {
             "freed, the reading still moved by {after}"
         );
         to_owner.send(()).unwrap();
+        owner.join().unwrap();
+        assert_eq!(counter::live_bytes(), start);
+    })
+}
+
+/// A large call's usable size is computed, not read from jemalloc: it must
+/// be jemalloc's own for every size past the window up to 128 KiB, and at
+/// and around every page and class boundary up to 2^47, whichever rounding
+/// this jemalloc uses (0.6: size classes; 0.7: whole pages).
+#[test]
+fn the_usable_size_of_a_large_call_is_jemallocs() {
+    serial(|| free(&JE, alloc(&JE, 16)));
+    let rounding = jemalloc::large_rounding();
+    assert_ne!(rounding, 0, "this jemalloc's rounding was not recognised");
+    let check = |size: usize| {
+        // SAFETY: `nallocx` computes a size class; it allocates nothing.
+        let je = unsafe { tikv_jemalloc_sys::nallocx(size, 0) };
+        assert_eq!(jemalloc::large_usable(size, rounding), je, "{size} B");
+    };
+    (jemalloc::WINDOW + 1..=1 << 17).for_each(check);
+    for lg in 17..48 {
+        for quarter in 0..4 {
+            let class = (4 + quarter) << (lg - 2);
+            for size in [class - 1, class, class + 1, class + 4095, class + 4097] {
+                check(size);
+            }
+        }
+    }
+}
+
+/// The check that guards the computed sizes: the rounding this jemalloc
+/// does not use (page rounding on 5.3.0, size classes on 5.3.1) and a wrong
+/// page size are refused, so large calls would look at the counters
+/// instead of publishing wrong sizes.
+#[test]
+fn a_rounding_jemalloc_does_not_use_is_refused() {
+    serial(|| free(&JE, alloc(&JE, 16)));
+    let rounding = jemalloc::large_rounding();
+    assert!(jemalloc::agrees_with_jemalloc(rounding));
+    let other = if rounding == usize::MAX {
+        4095
+    } else {
+        usize::MAX
+    };
+    assert!(!jemalloc::agrees_with_jemalloc(other));
+    assert!(!jemalloc::agrees_with_jemalloc(16383));
+    assert!(!jemalloc::agrees_with_jemalloc(0));
+}
+
+/// Blocks larger than the window are published exactly, as jemalloc
+/// counts them, without a look at the counters: an idle owner that made
+/// only such calls since its last look is read exactly by another thread,
+/// through every fold its calls make.
+#[test]
+fn large_calls_are_published_exactly_without_a_look() {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    static STEP: AtomicUsize = AtomicUsize::new(0);
+    const SIZES: [usize; 6] = [49 << 10, 64 << 10, 100_001, 1 << 20, 3 << 20, 5 << 20];
+    serial(|| {
+        STEP.store(0, SeqCst);
+        let start = counter::live_bytes();
+        let wait = |step| {
+            while STEP.load(SeqCst) != step {
+                std::thread::yield_now();
+            }
+        };
+        let owner = std::thread::spawn(move || {
+            free(&JE, alloc(&JE, 16));
+            counter::live_bytes(); // a look: nothing unpublished
+            let looks = jemalloc::looks();
+            let blocks = SIZES.map(|size| alloc(&JE, size));
+            assert_eq!(jemalloc::looks(), looks, "large allocations looked");
+            STEP.store(1, SeqCst);
+            wait(2);
+            for b in blocks {
+                free(&JE, b);
+            }
+            assert_eq!(jemalloc::looks(), looks, "large frees looked");
+            STEP.store(3, SeqCst);
+            wait(4);
+        });
+        wait(1);
+        let rounding = jemalloc::large_rounding();
+        let usable: usize = SIZES
+            .iter()
+            .map(|&s| jemalloc::large_usable(s, rounding))
+            .sum();
+        assert_eq!(counter::live_bytes() - start, usable as isize);
+        STEP.store(2, SeqCst);
+        wait(3);
+        assert_eq!(counter::live_bytes(), start);
+        STEP.store(4, SeqCst);
         owner.join().unwrap();
         assert_eq!(counter::live_bytes(), start);
     })
