@@ -117,7 +117,25 @@ def instructions():
     for a in ORDER:
         if a in counts:
             lines.append("| %s | %.1f | %s |" % (a, counts[a], fmt_ratio(counts[a], base)))
+    sizes = sorted({int(k.split("/")[1]) for k in counts if "/" in k})
+    if sizes:
+        lines += ["", "| pair size | jemalloc | memwatch-jemalloc | difference | vs jemalloc |",
+                  "|---|---|---|---|---|"]
+        for size in [16] + sizes:
+            key = "" if size == 16 else "/%d" % size
+            j, m = counts.get("jemalloc" + key), counts.get("memwatch-jemalloc" + key)
+            if j and m:
+                lines.append("| %s | %.1f | %.1f | +%.1f | %s |" % (
+                    fmt_size(size), j, m, m - j, fmt_ratio(m, j)))
     return "\n".join(lines)
+
+
+def fmt_size(size):
+    if size >= 1 << 20:
+        return "%d MiB" % (size >> 20)
+    if size >= 1 << 10:
+        return "%d KiB" % (size >> 10)
+    return "%d B" % size
 
 
 def paired():
@@ -243,6 +261,8 @@ def main():
         print()
         print(t)
         print()
+        print(instructions())
+        print()
         print(kv_table())
         print(json.dumps(extra(), indent=1))
         return
@@ -266,7 +286,7 @@ Machine: %s.
 
 ![ns per pair against threads](benchmarks.png)
 
-### Instructions per alloc+free pair (callgrind; the same on every run)
+### Instructions per alloc+free pair (callgrind, jemalloc's time-driven purging off; the same on every run)
 
 %s
 
