@@ -137,10 +137,72 @@ fn inlined<const SIZE: usize, A: GlobalAlloc>(a: &A, n: u64) {
 /// A timed chunk's loop: [`placed`] for one allocator type and placement.
 type Run<A> = fn(&A, u64);
 
+/// How a chunk is timed. While the threads fit the cores, by the wall
+/// clock, and a chunk's time is the slowest thread's: the threads really
+/// run at once, so what they do to each other (a shared cache line) shows.
+/// With more threads than cores, the wall clock mostly measures the
+/// scheduler (which thread ran when, for slices longer than a chunk), so
+/// each thread times its own CPU time and a chunk's time is their sum: the
+/// work the chunk cost, contention's stalls included.
+#[derive(Clone, Copy)]
+enum Clock {
+    Wall,
+    ThreadCpu,
+}
+
+impl Clock {
+    fn for_threads(threads: usize) -> Self {
+        let cores = thread::available_parallelism().map_or(1, |n| n.get());
+        if threads > cores {
+            Clock::ThreadCpu
+        } else {
+            Clock::Wall
+        }
+    }
+
+    /// Times `run` on the calling thread.
+    fn time(self, run: &dyn Fn()) -> Duration {
+        match self {
+            Clock::Wall => {
+                let start = Instant::now();
+                run();
+                start.elapsed()
+            }
+            Clock::ThreadCpu => {
+                let start = thread_cpu();
+                run();
+                thread_cpu() - start
+            }
+        }
+    }
+
+    /// A chunk's time from its threads' times.
+    fn chunk(self, times: impl Iterator<Item = Duration>) -> Duration {
+        match self {
+            Clock::Wall => times.max().unwrap(),
+            Clock::ThreadCpu => times.sum(),
+        }
+    }
+}
+
+/// The calling thread's CPU time.
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid `timespec` to write; the clock id is a
+    // constant every Linux kernel has.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID)");
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
 /// Runs `rounds` rounds on `threads` threads. A round times, for each pair of
 /// loops in `runs`, one chunk of `n` pairs per thread on `base` and one on
 /// `other`, back to back (the order alternates), each started together on
-/// every thread by a barrier; a chunk's time is the slowest thread's. The
+/// every thread by a barrier; a chunk's time is the slowest thread's, or
+/// with more threads than cores the sum of their CPU times ([`Clock`]). The
 /// round's ratio is other/base, or with several pairs of loops the geometric
 /// mean of their ratios. Returns the per-round ratios.
 fn rounds<B, O>(
@@ -156,6 +218,7 @@ where
     O: GlobalAlloc + Sync + 'static,
 {
     let barrier = Arc::new(SpinBarrier::new(threads));
+    let clock = Clock::for_threads(threads);
     let workers: Vec<_> = (0..threads)
         .map(|_| {
             let barrier = barrier.clone();
@@ -171,9 +234,7 @@ where
                     for (b, o) in &runs {
                         let time = |run: &dyn Fn()| {
                             barrier.wait();
-                            let start = Instant::now();
-                            run();
-                            start.elapsed()
+                            clock.time(run)
                         };
                         let (tb, to) = if r % 2 == 0 {
                             let tb = time(&|| b(base, n));
@@ -196,8 +257,8 @@ where
         .map(|r| {
             let log_sum: f64 = (r * k..(r + 1) * k)
                 .map(|i| {
-                    let tb = per_thread.iter().map(|t| t[i].0).max().unwrap();
-                    let to = per_thread.iter().map(|t| t[i].1).max().unwrap();
+                    let tb = clock.chunk(per_thread.iter().map(|t| t[i].0));
+                    let to = clock.chunk(per_thread.iter().map(|t| t[i].1));
                     (to.as_secs_f64() / tb.as_secs_f64()).ln()
                 })
                 .sum();
@@ -257,7 +318,7 @@ fn workload<const SIZE: usize>(threads: usize, n_rounds: usize, all: bool, rows:
     if !all {
         let m = &common::MEMWATCH_JEMALLOC;
         run::<SIZE, _>(&mut one, threads, n, n_rounds, "memwatch-jemalloc", m);
-        if quick().is_some() {
+        if quick().is_some() || memwatch_only() {
             rows.push(format!("\"{name}\": {{{}}}", cells.join(", ")));
             return;
         }
@@ -336,6 +397,7 @@ fn workload<const SIZE: usize>(threads: usize, n_rounds: usize, all: bool, rows:
 /// `MEMWATCH_PAIRED_QUICK=16,65536`: only memwatch over jemalloc, only
 /// these sizes, 1001 rounds, nothing written. For trying a change to the
 /// fast path in a minute rather than the whole table's quarter hour.
+/// `MEMWATCH_PAIRED_QUICK_THREADS=4,8` sets the thread counts (1 and 2).
 fn quick() -> Option<Vec<usize>> {
     let sizes = std::env::var("MEMWATCH_PAIRED_QUICK").ok()?;
     Some(
@@ -346,6 +408,15 @@ fn quick() -> Option<Vec<usize>> {
     )
 }
 
+/// `MEMWATCH_PAIRED_MEMWATCH_ONLY=1`: every cell of the table, memwatch over
+/// jemalloc only, written as usual. `benches/run` builds the bench at 28
+/// more code shifts this way: the report's memwatch column is then the
+/// geometric mean of 32 layouts, whose spread is what a few percent of
+/// difference must be told from.
+fn memwatch_only() -> bool {
+    std::env::var_os("MEMWATCH_PAIRED_MEMWATCH_ONLY").is_some()
+}
+
 fn main() {
     shift();
     let test = std::env::args().any(|a| a == "--test");
@@ -354,7 +425,11 @@ fn main() {
     let n_rounds = if test { 3 } else { 501 };
     let mut rows = Vec::new();
     if let Some(sizes) = quick() {
-        for threads in [1, 2] {
+        let threads: Vec<usize> = std::env::var("MEMWATCH_PAIRED_QUICK_THREADS")
+            .ok()
+            .map(|t| t.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+            .unwrap_or(vec![1, 2]);
+        for threads in threads {
             for size in sizes.iter().copied() {
                 match size {
                     16 => workload::<16>(threads, 1001, false, &mut rows),
@@ -369,13 +444,14 @@ fn main() {
         }
         return;
     }
+    let all = !memwatch_only();
     for threads in [1, 2] {
-        workload::<16>(threads, n_rounds, true, &mut rows);
-        workload::<64>(threads, n_rounds, true, &mut rows);
-        workload::<256>(threads, n_rounds, true, &mut rows);
-        workload::<4096>(threads, n_rounds, true, &mut rows);
-        workload::<65536>(threads, n_rounds, true, &mut rows);
-        workload::<{ 1 << 20 }>(threads, n_rounds, true, &mut rows);
+        workload::<16>(threads, n_rounds, all, &mut rows);
+        workload::<64>(threads, n_rounds, all, &mut rows);
+        workload::<256>(threads, n_rounds, all, &mut rows);
+        workload::<4096>(threads, n_rounds, all, &mut rows);
+        workload::<65536>(threads, n_rounds, all, &mut rows);
+        workload::<{ 1 << 20 }>(threads, n_rounds, all, &mut rows);
     }
     // More threads than this machine's two cores: what oversubscription
     // does to each design.

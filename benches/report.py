@@ -161,7 +161,8 @@ def paired():
             return "%.3fx" % gm
         return "%.3fx (%.2f–%.2f)" % (gm, min(meds), max(meds))
 
-    for g in sorted(layouts[0], key=group_key):
+    groups = {g for l in layouts for g in l}
+    for g in sorted(groups, key=group_key):
         cells = [cell(g, a) for a in cols]
         cells.append(cell(g, "thread-check"))
         cells.append(cell(g, "static-check"))
@@ -169,7 +170,8 @@ def paired():
         cells.append(" / ".join(cell(g, "jemalloc+%dB" % pad, spread=False) for pad in MOVES))
         cells.append(cell(g, "memwatch-jemalloc-inlined"))
         lines.append("| %s | %s |" % (g, " | ".join(cells)))
-    return "\n".join(lines), len(layouts)
+    full = sum(1 for l in layouts if any("system" in c for c in l.values()))
+    return "\n".join(lines), "%d builds at different code shifts (memwatch-jemalloc: %d)" % (full, len(layouts))
 
 
 def overshoot():
@@ -276,7 +278,7 @@ def main():
 
 Machine: %s.
 
-### Allocation overhead, paired (geometric mean over %s builds at different code shifts of each build's median per-round ratio to bare jemalloc; the lowest and highest build's median in brackets)
+### Allocation overhead, paired (geometric mean over %s of each build's median per-round ratio to bare jemalloc; the lowest and highest build's median in brackets)
 
 %s
 
