@@ -318,6 +318,13 @@ fn workload<const SIZE: usize>(threads: usize, n_rounds: usize, all: bool, rows:
     if !all {
         let m = &common::MEMWATCH_JEMALLOC;
         run::<SIZE, _>(&mut one, threads, n, n_rounds, "memwatch-jemalloc", m);
+        if memwatch_only() && threads <= 2 {
+            // The two floors beside it, over the same layouts.
+            let c = &common::THREAD_CHECK;
+            run::<SIZE, _>(&mut one, threads, n, n_rounds, "thread-check", c);
+            let c = &common::STATIC_CHECK;
+            run::<SIZE, _>(&mut one, threads, n, n_rounds, "static-check", c);
+        }
         if quick().is_some() || memwatch_only() {
             rows.push(format!("\"{name}\": {{{}}}", cells.join(", ")));
             return;
@@ -409,7 +416,8 @@ fn quick() -> Option<Vec<usize>> {
 }
 
 /// `MEMWATCH_PAIRED_MEMWATCH_ONLY=1`: every cell of the table, memwatch over
-/// jemalloc only, written as usual. `benches/run` builds the bench at 28
+/// jemalloc only (and on 1 and 2 threads the two check-only controls),
+/// written as usual. `benches/run` builds the bench at 28
 /// more code shifts this way: the report's memwatch column is then the
 /// geometric mean of 32 layouts, whose spread is what a few percent of
 /// difference must be told from.

@@ -171,7 +171,7 @@ def paired():
         cells.append(cell(g, "memwatch-jemalloc-inlined"))
         lines.append("| %s | %s |" % (g, " | ".join(cells)))
     full = sum(1 for l in layouts if any("system" in c for c in l.values()))
-    return "\n".join(lines), "%d builds at different code shifts (memwatch-jemalloc: %d)" % (full, len(layouts))
+    return "\n".join(lines), "%d builds at different code shifts (memwatch-jemalloc, and the check-only controls on 1 and 2 threads: %d)" % (full, len(layouts))
 
 
 def overshoot():
