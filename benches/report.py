@@ -174,6 +174,32 @@ def paired():
     return "\n".join(lines), "%d builds at different code shifts (memwatch-jemalloc, and the check-only controls on 1 and 2 threads: %d)" % (full, len(layouts))
 
 
+def phases():
+    """memwatch and the thread-local check by the code shift mod 64: where
+    the fast path falls in the 64-byte fetch windows."""
+    files = glob.glob(os.path.join(CRIT, "memwatch-paired-*.json"))
+    by = {}
+    for f in files:
+        shift = int(re.search(r"-(\d+)\.json$", f).group(1))
+        by.setdefault(shift % 64, []).append(json.load(open(f)))
+    if len(by) < 2:
+        return "(the paired bench ran at one phase only)"
+    cells = ["pair/16/1t", "pair/256/1t", "pair/4096/1t"]
+    head = ["shift mod 64", "builds"] + ["%s %s" % (c, who) for c in cells for who in ("memwatch", "thread-local check")]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+
+    def gm(layouts, cell, who):
+        meds = [l[cell][who]["median"] for l in layouts if cell in l and who in l[cell]]
+        return "%.3fx" % math.exp(sum(math.log(m) for m in meds) / len(meds)) if meds else "-"
+
+    for phase in sorted(by):
+        row = [str(phase), str(len(by[phase]))]
+        for c in cells:
+            row += [gm(by[phase], c, "memwatch-jemalloc"), gm(by[phase], c, "thread-check")]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def overshoot():
     path = os.path.join(CRIT, "memwatch-overshoot.json")
     if not os.path.exists(path):
@@ -286,6 +312,10 @@ Machine: %s.
 
 %s
 
+### The same code by where it falls in 64-byte fetch windows (geometric mean of each shift's builds; the paired bench's code shift mod 64)
+
+%s
+
 ![ns per pair against threads](benchmarks.png)
 
 ### Instructions per alloc+free pair (callgrind, jemalloc's time-driven purging off; the same on every run)
@@ -320,7 +350,7 @@ memwatch live bytes %s; jemalloc `stats.allocated` %s (gap %s); process RSS %s (
 
 %s
 """ % (
-        machine(), ptable_layouts, ptable, t, instructions(), kv_table(), tokio_table(), trip.get("runs", "-"), trip.get("median_ms", "-"),
+        machine(), ptable_layouts, ptable, t, phases(), instructions(), kv_table(), tokio_table(), trip.get("runs", "-"), trip.get("median_ms", "-"),
         trip.get("worst_ms", "-"), acc.get("live", "-"), acc.get("jemalloc_allocated", "-"),
         acc.get("gap_allocated", "-"), acc.get("rss", "-"), acc.get("gap_rss", "-"), overshoot(),
         c_heap(), kernel_trigger())
