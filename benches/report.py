@@ -117,16 +117,20 @@ def instructions():
     for a in ORDER:
         if a in counts:
             lines.append("| %s | %.1f | %s |" % (a, counts[a], fmt_ratio(counts[a], base)))
-    sizes = sorted({int(k.split("/")[1]) for k in counts if "/" in k})
+    sizes = sorted({int(k.split("/")[1]) for k in counts if "/" in k and k.startswith("jemalloc/")})
+    hook = "jemalloc+event-hook"
     if sizes:
-        lines += ["", "| pair size | jemalloc | memwatch-jemalloc | difference | vs jemalloc |",
-                  "|---|---|---|---|---|"]
+        lines += ["", "| pair size | jemalloc | memwatch-jemalloc | difference | vs jemalloc |"
+                  " | jemalloc + event hook | difference | vs jemalloc |",
+                  "|---|---|---|---|---|---|---|---|"]
         for size in [16] + sizes:
             key = "" if size == 16 else "/%d" % size
             j, m = counts.get("jemalloc" + key), counts.get("memwatch-jemalloc" + key)
+            h = counts.get("%s/%d" % (hook, size))
             if j and m:
-                lines.append("| %s | %.1f | %.1f | +%.1f | %s |" % (
-                    fmt_size(size), j, m, m - j, fmt_ratio(m, j)))
+                lines.append("| %s | %.1f | %.1f | +%.1f | %s | %s |" % (
+                    fmt_size(size), j, m, m - j, fmt_ratio(m, j),
+                    "%.1f | +%.1f | %s" % (h, h - j, fmt_ratio(h, j)) if h else "- | - | -"))
     return "\n".join(lines)
 
 
