@@ -121,7 +121,7 @@ def instructions():
     hook = "jemalloc+event-hook"
     if sizes:
         lines += ["", "| pair size | jemalloc | memwatch-jemalloc | difference | vs jemalloc |"
-                  " | jemalloc + event hook | difference | vs jemalloc |",
+                  " jemalloc + event hook | difference | vs jemalloc |",
                   "|---|---|---|---|---|---|---|---|"]
         for size in [16] + sizes:
             key = "" if size == 16 else "/%d" % size
