@@ -87,24 +87,12 @@ impl<A> MemWatch<A> {
 }
 
 // `Layout::size()` is at most `isize::MAX`, so the `as isize` casts below are
-// lossless; the realloc difference of two such sizes cannot overflow either.
+// lossless, and so is the realloc difference of two such sizes.
 //
-// Each method's fast path does its bookkeeping first and hands the call to
-// the inner allocator as its last act: compiled into `__rust_alloc` and
-// friends, that last act is a jump, not a call, with no stack frame and no
-// register saved across it. Over jemalloc the bookkeeping is a level
-// (`count::jemalloc`); otherwise memwatch's own count (`count::own`). A call
-// that misses the fast path goes to a cold path, never inlined, that takes
-// the caller's arguments in the caller's order with `this` last, so that the
-// jump to it moves no register.
-//
-// Over memwatch's own count, a call within the thread's slack window counts
-// before the inner allocator runs, so an allocation it refuses has been
-// counted anyway: at most twice the slack, and an allocator refuses such
-// small requests only when the kernel has no memory to give. Calls outside
-// the window (every request larger than twice the slack among them) take the
-// cold path, which counts only what succeeded. Over jemalloc nothing is
-// counted that jemalloc did not count itself.
+// Each fast path does its bookkeeping first and ends in a jump into the inner
+// allocator; a miss jumps to a never-inlined cold path that takes the
+// caller's arguments in order, `this` last (docs/design.md, "Counting at
+// jemalloc speed", also for what counting first means for a refused call).
 //
 // SAFETY: every method forwards to the inner allocator with the caller's
 // arguments unchanged and returns its result unchanged, so `MemWatch`
