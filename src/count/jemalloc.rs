@@ -39,6 +39,7 @@
 use std::alloc::Layout;
 use std::cell::Cell;
 use std::ptr;
+use std::sync::atomic::Ordering::Relaxed;
 
 use tikv_jemalloc_sys as sys;
 
@@ -46,6 +47,7 @@ use super::slot::Slot;
 use super::state::{ACTIVE, DIRECT, REGISTERING, UNREGISTERED};
 use super::table::Table;
 use super::{claim, fold, fold_size, observe, thread_joined, thread_left, TOTAL};
+use crate::sync::{AtomicBool, AtomicUsize};
 
 /// How far the calling thread's net (weighted, below) may move either way
 /// between two looks at its counters: 48 KiB. Weighted bytes bound usable
@@ -246,7 +248,7 @@ const NOT_YET: usize = 1;
 /// [`WINDOW`]: [`CLASSES`], or a page mask (jemalloc 5.3.1 rounds large
 /// requests up to whole pages by default, `opt.disable_large_size_classes`),
 /// or 0 if neither agrees with `nallocx`. Found by the first join.
-static LARGE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(NOT_YET);
+static LARGE: AtomicUsize = AtomicUsize::new(NOT_YET);
 
 /// The usable size jemalloc gives, and adds to the thread's counters for, a
 /// plain request of `size` bytes, `WINDOW < size <= isize::MAX`, rounded as
@@ -270,7 +272,7 @@ pub(crate) const fn large_usable(size: usize, rounding: usize) -> usize {
 /// the same.
 pub(crate) fn large_rounding() -> usize {
     // Relaxed: a value found from jemalloc alone; any thread finds the same.
-    let known = LARGE.load(std::sync::atomic::Ordering::Relaxed);
+    let known = LARGE.load(Relaxed);
     if known != NOT_YET {
         return known;
     }
@@ -292,7 +294,7 @@ pub(crate) fn large_rounding() -> usize {
         0
     };
     // Relaxed: as the load above; a racing first join stores the same.
-    LARGE.store(found, std::sync::atomic::Ordering::Relaxed);
+    LARGE.store(found, Relaxed);
     found
 }
 
@@ -448,13 +450,13 @@ const COUNTERS: [&std::ffi::CStr; 2] = [c"thread.allocatedp.renamed", c"thread.d
 
 /// Set when a thread could not read its counters and counts every call
 /// itself; the watchdog reports it.
-static COUNTERS_MISSING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static COUNTERS_MISSING: AtomicBool = AtomicBool::new(false);
 
 /// Whether some thread found jemalloc's per-thread counters missing and
 /// counts every call itself, into the shared total.
 pub(crate) fn counters_missing() -> bool {
     // Relaxed: a report, read by the watchdog.
-    COUNTERS_MISSING.load(std::sync::atomic::Ordering::Relaxed)
+    COUNTERS_MISSING.load(Relaxed)
 }
 
 #[cold]
@@ -467,7 +469,7 @@ fn join() -> bool {
     let (Some(a), Some(d)) = counters else {
         // Still counted: each call by its usable size, straight into the
         // total (one shared atomic per call). Relaxed: see the reader.
-        COUNTERS_MISSING.store(true, std::sync::atomic::Ordering::Relaxed);
+        COUNTERS_MISSING.store(true, Relaxed);
         THREAD.with(|t| t.state.set(DIRECT));
         return false;
     };
