@@ -3,7 +3,7 @@
 use std::alloc::{GlobalAlloc, Layout};
 
 #[cfg(memwatch_jemalloc_counts)]
-use crate::count::jemalloc::{self as je, After};
+use crate::count::jemalloc::{self as je, Cold};
 use crate::count::{own, DEFAULT_SLACK, MAX_SLACK};
 #[cfg(feature = "jemalloc")]
 use crate::stats;
@@ -123,9 +123,6 @@ unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for MemWatch<A> {
                 // allocator (hence from `inner`, since every method
                 // forwards) with `layout`.
                 unsafe { self.inner.dealloc(ptr, layout) }
-            } else if je::plain(layout) && layout.size() > je::WINDOW {
-                // SAFETY: as above.
-                unsafe { Self::dealloc_large(ptr, layout, self) }
             } else {
                 // SAFETY: as above.
                 unsafe { Self::dealloc_looking(ptr, layout, self) }
@@ -142,15 +139,16 @@ unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for MemWatch<A> {
 
     #[inline]
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // Over jemalloc a reallocation always looks at the counters right
-        // after the call: a block that grows by one byte can move to the
-        // next size class, a quarter larger, so no weight of the change
-        // bounds what it does to the usable sizes.
         #[cfg(memwatch_jemalloc_counts)]
         if self.jemalloc_counts() {
-            // SAFETY: the caller upholds `realloc`'s contract; `ptr` came
-            // from `inner` as in `dealloc`.
-            return unsafe { Self::realloc_looking(ptr, layout, new_size, self) };
+            return if je::resize(layout, new_size) {
+                // SAFETY: the caller upholds `realloc`'s contract; `ptr`
+                // came from `inner` as in `dealloc`.
+                unsafe { self.inner.realloc(ptr, layout, new_size) }
+            } else {
+                // SAFETY: as above.
+                unsafe { Self::realloc_looking(ptr, layout, new_size, self) }
+            };
         }
         let delta = new_size as isize - layout.size() as isize;
         if own::try_record(delta) {
@@ -175,12 +173,9 @@ impl<A: GlobalAlloc + 'static> MemWatch<A> {
     unsafe fn alloc_either(&self, layout: Layout, zeroed: bool) -> *mut u8 {
         #[cfg(memwatch_jemalloc_counts)]
         if self.jemalloc_counts() {
-            return if je::add(layout, self.slack) {
+            return if je::add(layout) {
                 // SAFETY: the caller upholds the contract for `layout`.
                 unsafe { self.inner_alloc(layout, zeroed) }
-            } else if je::plain(layout) && layout.size() > je::WINDOW {
-                // SAFETY: as above.
-                unsafe { Self::alloc_large(layout, zeroed, self) }
             } else {
                 // SAFETY: as above.
                 unsafe { Self::alloc_looking(layout, zeroed, self) }
@@ -264,12 +259,11 @@ impl<A: GlobalAlloc + 'static> MemWatch<A> {
     }
 }
 
-// Over jemalloc, off the fast path: the call would take the thread's level
-// out of its window (or the thread has none yet). `je::before` publishes
-// the thread's counters and re-centres the level; a call it covers then
-// jumps into jemalloc, a larger one (and every reallocation) publishes
-// right after, and a thread without a slot counts the block's usable size
-// itself.
+// Over jemalloc, off the fast path: the call would take one of the
+// thread's counters to its mark (or is aligned, or the thread has no slot
+// yet). `je::cold` joins the thread if it never tried; the call then looks
+// at the counters right after it, so that the reading sees it at once, and
+// a thread without a slot counts the block's usable size itself.
 #[cfg(memwatch_jemalloc_counts)]
 impl<A: GlobalAlloc + 'static> MemWatch<A> {
     /// Whether jemalloc's own counters count this allocator's calls: `A` is
@@ -279,61 +273,23 @@ impl<A: GlobalAlloc + 'static> MemWatch<A> {
         std::any::TypeId::of::<A>() == std::any::TypeId::of::<tikv_jemallocator::Jemalloc>()
     }
 
-    /// A plain allocation off the fast path that is larger than the
-    /// window: on a thread with a slot, jemalloc's call and then its usable
-    /// size published (a program of 64 KiB blocks comes here on every
-    /// call); otherwise the cold path. `#[cold]` for the fast path's sake:
-    /// the compiler then keeps the fast path's tests as plain branches.
-    ///
     /// # Safety
     ///
-    /// As [`GlobalAlloc::alloc`] (or `alloc_zeroed` if `zeroed`), for a
-    /// plain layout larger than the window.
-    #[cold]
-    #[inline(never)]
-    unsafe fn alloc_large(layout: Layout, zeroed: bool, this: &Self) -> *mut u8 {
-        if je::large_ready() {
-            // SAFETY: the caller upholds the contract for `layout`.
-            unsafe { je::alloc_large(layout.size(), zeroed, this.slack) }
-        } else {
-            // SAFETY: as above.
-            unsafe { Self::alloc_looking(layout, zeroed, this) }
-        }
-    }
-
-    /// A plain free off the fast path that is larger than the window; see
-    /// [`Self::alloc_large`].
-    ///
-    /// # Safety
-    ///
-    /// As [`GlobalAlloc::dealloc`], for a plain layout larger than the
-    /// window.
-    #[cold]
-    #[inline(never)]
-    unsafe fn dealloc_large(ptr: *mut u8, layout: Layout, this: &Self) {
-        if je::large_ready() {
-            // SAFETY: the caller's contract for `dealloc`.
-            unsafe { je::free_large(ptr, layout.size(), this.slack) }
-        } else {
-            // SAFETY: as above.
-            unsafe { Self::dealloc_looking(ptr, layout, this) }
-        }
-    }
-
+    /// As [`GlobalAlloc::alloc`] (or `alloc_zeroed` if `zeroed`).
     #[cold]
     #[inline(never)]
     unsafe fn alloc_looking(layout: Layout, zeroed: bool, this: &Self) -> *mut u8 {
-        let after = je::before(je::delta(layout, false), this.slack);
+        let cold = je::cold(layout, false, this.slack);
         // SAFETY: the caller upholds the contract for `layout`.
         let ptr = unsafe { this.inner_alloc(layout, zeroed) };
-        match after {
-            After::Nothing => {}
-            After::Look => je::after(this.slack),
-            After::CountItself if !ptr.is_null() => {
+        match cold {
+            Cold::Fits => {}
+            Cold::Look => je::look_now(this.slack),
+            Cold::CountItself if !ptr.is_null() => {
                 // SAFETY: `ptr` is a live block of `inner`, which is jemalloc.
                 je::count_itself(unsafe { je::usable_size(ptr) });
             }
-            After::CountItself => {}
+            Cold::CountItself => {}
         }
         ptr
     }
@@ -344,8 +300,8 @@ impl<A: GlobalAlloc + 'static> MemWatch<A> {
     #[cold]
     #[inline(never)]
     unsafe fn dealloc_looking(ptr: *mut u8, layout: Layout, this: &Self) {
-        let after = je::before(je::delta(layout, true), this.slack);
-        if after == After::CountItself {
+        let cold = je::cold(layout, true, this.slack);
+        if cold == Cold::CountItself {
             // SAFETY: the caller guarantees `ptr` is a live block of
             // `inner`, which is jemalloc.
             je::count_itself(-unsafe { je::usable_size(ptr) });
@@ -353,8 +309,8 @@ impl<A: GlobalAlloc + 'static> MemWatch<A> {
         // SAFETY: the caller guarantees `ptr` came from `inner` with
         // `layout`.
         unsafe { this.inner.dealloc(ptr, layout) };
-        if after == After::Look {
-            je::after(this.slack);
+        if cold == Cold::Look {
+            je::look_now(this.slack);
         }
     }
 
@@ -369,8 +325,8 @@ impl<A: GlobalAlloc + 'static> MemWatch<A> {
         new_size: usize,
         this: &Self,
     ) -> *mut u8 {
-        let after = je::before(isize::MAX, this.slack);
-        let old = if after == After::CountItself {
+        let cold = je::cold_resize(this.slack);
+        let old = if cold == Cold::CountItself {
             // SAFETY: the caller guarantees `ptr` is a live block of
             // `inner`, which is jemalloc.
             unsafe { je::usable_size(ptr) }
@@ -379,15 +335,15 @@ impl<A: GlobalAlloc + 'static> MemWatch<A> {
         };
         // SAFETY: the caller upholds `realloc`'s contract.
         let new = unsafe { this.inner.realloc(ptr, layout, new_size) };
-        match after {
-            After::Nothing => {}
-            After::Look => je::after(this.slack),
+        match cold {
+            Cold::Fits => {}
+            Cold::Look => je::look_now(this.slack),
             // A null result leaves the old block allocated: nothing changed.
-            After::CountItself if !new.is_null() => {
+            Cold::CountItself if !new.is_null() => {
                 // SAFETY: `new` is a live block of jemalloc.
                 je::count_itself(unsafe { je::usable_size(new) } - old);
             }
-            After::CountItself => {}
+            Cold::CountItself => {}
         }
         new
     }

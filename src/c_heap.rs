@@ -3,12 +3,12 @@
 //! allocates (`malloc`, `new`) then counts exactly like the Rust heap.
 //!
 //! Each function joins the thread on its first call if it has not joined
-//! yet and calls jemalloc. An allocation then moves the thread's level as a
-//! Rust allocation does; a free (C gives no size) compares the thread's own
-//! jemalloc counters with its last look (`count::jemalloc::c_after`). A
-//! C-only thread thus looks once its net has moved by the window, and the
-//! error bound is the Rust heap's. A thread without a slot counts each call
-//! by its usable size.
+//! yet and calls jemalloc, then compares the thread's own jemalloc counters
+//! with their marks and looks once one reached its mark
+//! (`count::jemalloc::c_after`; C gives no size for a free, so the check
+//! comes after the call). Between two calls both counters stay below their
+//! marks, as for Rust calls, and the error bound is the Rust heap's. A
+//! thread without a slot counts each call by its usable size.
 //!
 //! Only the macro calls these; they are public so that its expansion, in
 //! the binary's crate, can.
@@ -17,24 +17,18 @@ use std::ffi::{c_int, c_void};
 
 use tikv_jemalloc_sys as sys;
 
-use crate::count::jemalloc::{c_after, c_allocated, c_ready, count_itself, usable_size};
+use crate::count::jemalloc::{c_after, c_ready, count_itself, usable_size};
 
 /// After an allocation that returned `block` (null: refused): the count.
-/// `size` is the request, for the level's step, where the call has one
-/// (0: an aligned call, which looks at the counters).
 ///
 /// # Safety
 ///
 /// `block` is null or a live jemalloc block; `counted` is what
 /// [`c_ready`] returned before the call.
 #[inline]
-unsafe fn allocated(counted: bool, block: *mut c_void, size: usize) {
+unsafe fn allocated(counted: bool, block: *mut c_void) {
     if counted {
-        if size == 0 {
-            c_after();
-        } else {
-            c_allocated(size);
-        }
+        c_after();
     } else if !block.is_null() {
         // SAFETY: a live block jemalloc just returned.
         count_itself(unsafe { usable_size(block.cast()) });
@@ -53,7 +47,7 @@ pub unsafe fn malloc(size: usize) -> *mut c_void {
     // SAFETY: C's contract, which jemalloc's `malloc` implements.
     let block = unsafe { sys::malloc(size) };
     // SAFETY: null or the block jemalloc returned.
-    unsafe { allocated(counted, block, size.max(1)) };
+    unsafe { allocated(counted, block) };
     block
 }
 
@@ -69,7 +63,7 @@ pub unsafe fn calloc(count: usize, size: usize) -> *mut c_void {
     // SAFETY: C's contract; jemalloc checks the product for overflow.
     let block = unsafe { sys::calloc(count, size) };
     // SAFETY: null or the block jemalloc returned.
-    unsafe { allocated(counted, block, count.saturating_mul(size).max(1)) };
+    unsafe { allocated(counted, block) };
     block
 }
 
@@ -142,13 +136,7 @@ pub unsafe fn posix_memalign(out: *mut *mut c_void, align: usize, size: usize) -
     let rc = unsafe { sys::posix_memalign(out, align, size) };
     // SAFETY: on success `*out` is the new block; otherwise nothing was
     // allocated (null).
-    unsafe {
-        allocated(
-            counted,
-            if rc == 0 { *out } else { std::ptr::null_mut() },
-            0,
-        )
-    };
+    unsafe { allocated(counted, if rc == 0 { *out } else { std::ptr::null_mut() }) };
     rc
 }
 
@@ -164,7 +152,7 @@ pub unsafe fn aligned_alloc(align: usize, size: usize) -> *mut c_void {
     // SAFETY: the caller's contract; jemalloc checks the alignment.
     let block = unsafe { sys::aligned_alloc(align, size) };
     // SAFETY: null or the block jemalloc returned.
-    unsafe { allocated(counted, block, 0) };
+    unsafe { allocated(counted, block) };
     block
 }
 
@@ -192,7 +180,7 @@ pub unsafe fn memalign(align: usize, size: usize) -> *mut c_void {
         unsafe { *libc::__errno_location() = libc::ENOMEM };
     }
     // SAFETY: null or the block jemalloc returned.
-    unsafe { allocated(counted, block, 0) };
+    unsafe { allocated(counted, block) };
     block
 }
 

@@ -2,32 +2,33 @@
 //! size of every allocation to a per-thread counter, and of every free to
 //! another, on its fast path anyway (`thread.allocated` and
 //! `thread.deallocated` in its `mallctl` names, maintained by every
-//! jemalloc 5.3 build). memwatch only looks at them now and then:
+//! jemalloc 5.3 build). memwatch reads them, on the thread that owns them,
+//! and publishes what moved:
 //!
-//! - a thread-local level holds the thread's net since its last look, in
-//!   weighted bytes (a block weighs its size plus 16, or plus its
-//!   alignment past 16; see [`weight`]). It starts far outside its window, so a thread's first
-//!   call through the allocator, whatever started the thread, goes to the
-//!   cold path, which claims a slot and reads the addresses of the
-//!   thread's two counters;
-//! - every allocation adds its weight and every free subtracts it (a load,
-//!   an add, a compare, a branch and a store, then the jump into jemalloc:
-//!   the whole fast path). A loop of alloc/free pairs never leaves the
-//!   window, whatever the size. A call that would take the net more than
-//!   [`WINDOW`] either way goes to the cold path, which reads the two
-//!   counters, publishes what is not folded yet in the thread's slot, folds
-//!   it into the shared total once it exceeds the thread's share of the
-//!   error budget, and re-centres the level; a reallocation always does;
-//! - a plain call larger than the window takes a short path of its own
-//!   ([`alloc_large`], [`free_large`]): it publishes the block's usable
-//!   size, which it computes as jemalloc does, and leaves the level alone,
-//!   so the reading sees the block at once;
+//! - at every **look** the thread reads its two counters, publishes their
+//!   net since its last fold in its slot (or folds it into the shared total
+//!   once it exceeds the thread's allowance) and sets two **marks**: each
+//!   counter as it is now plus the thread's interval;
+//! - the fast path of an allocation checks that the allocated counter plus
+//!   the request stays below its mark, a free the same of the deallocated
+//!   counter and the block's size, then jumps into jemalloc (two loads, an
+//!   add, a compare and a branch: the whole of memwatch's part). A call
+//!   that would reach a mark goes to the cold path, which makes the call
+//!   and then looks;
+//! - so between two looks each counter moves by less than the interval plus
+//!   what jemalloc rounds the last call up by: less than 1.25 times the
+//!   interval plus 16 bytes either way, **whatever the sizes, alignments,
+//!   reallocations and cross-thread frees** (docs/design.md, "The error
+//!   bound");
+//! - a thread's first call through the allocator, whatever started the
+//!   thread, finds marks of 0 and counters that point at [`NOT_COUNTING`],
+//!   so it goes to the cold path, which claims a slot and reads the
+//!   addresses of the thread's two counters;
 //! - at the thread's end, what is left is folded and the slot freed.
 //!
 //! Only the owner ever reads its jemalloc counters, so no memory that
 //! another thread writes non-atomically is read; readers sum the slots,
-//! which the owner writes atomically. A running thread's slot lags its
-//! counters by at most 1.25 times `WINDOW`: 60 KiB.
+//! which the owner writes atomically.
 //!
 //! Calls of a thread that has no slot (while it joins, past its end, or
 //! when the kernel refuses the table memory) count the usable size that
@@ -46,25 +47,40 @@ use tikv_jemalloc_sys as sys;
 use super::slot::Slot;
 use super::state::{ACTIVE, DIRECT, REGISTERING, UNREGISTERED};
 use super::table::Table;
-use super::{claim, fold, fold_size, observe, thread_joined, thread_left, TOTAL};
+use super::{claim, fold, give_back, observe, settle, thread_joined, thread_left, TOTAL};
 use crate::sync::{AtomicBool, AtomicUsize};
 
-/// How far the calling thread's net (weighted, below) may move either way
-/// between two looks at its counters: 48 KiB. Weighted bytes bound usable
-/// bytes to 1.25 times as much (see [`weight`]), so a published slot lags
-/// its thread's counters by at most 60 KiB plus the call in flight, under
-/// the 64 KiB per thread of the error bound.
-pub(crate) const WINDOW: usize = 48 << 10;
+/// The least interval between two looks, whatever the thread's allowance
+/// (a thread of a process with many threads may hold none): 48 KiB. Each
+/// thread's unpublished count then stays below 1.25 × 48 KiB + 16 B, under
+/// 64 KiB, beside its share of the budget's pool.
+pub(crate) const FLOOR: usize = 48 << 10;
 
-/// The most a running thread's published count lags its counters: 1.25
-/// times the window, under 64 KiB.
+/// The interval of a thread that holds `allowance` from the pool, for an
+/// allocator with `slack`: the floor plus the allowance, never more than
+/// the slack (a slack of 0 looks after every call).
+#[inline]
+pub(crate) const fn interval(allowance: usize, slack: usize) -> usize {
+    let wide = FLOOR + allowance;
+    if slack < wide {
+        slack
+    } else {
+        wide
+    }
+}
+
+/// The most a thread with `interval` can hold unpublished, either way: each
+/// counter moves by less than the interval before the fast path stops, plus
+/// what jemalloc rounds the last call's request up by, which is less than a
+/// quarter of the request or 16 bytes (see [`charge`]).
 #[cfg(test)]
-pub(crate) const UNPUBLISHED: usize = 64 << 10;
+pub(crate) const fn unpublished_bound(interval: usize) -> usize {
+    interval + interval / 4 + 16
+}
 
-/// The level of a thread that counts nothing (not joined, or past its
-/// exit): so far outside the window that every call misses the fast path,
-/// allocations and frees alike.
-const OUTSIDE: isize = isize::MIN / 2;
+/// What the counters of a thread that counts nothing point at: 0, with
+/// marks of 0, so that every call misses the fast path.
+static NOT_COUNTING: u64 = 0;
 
 /// The slots of threads whose jemalloc counters memwatch reads.
 static TABLE: Table = Table::new();
@@ -72,20 +88,25 @@ static TABLE: Table = Table::new();
 /// The calling thread's words, in one thread-local so that code touching
 /// several of them computes the thread-local address once.
 struct Thread {
-    /// The thread's weighted net since its last look, biased by the
-    /// window: `0..=2 * window` is the fast path; it starts far outside,
-    /// so a thread's first call joins.
-    level: Cell<isize>,
+    /// jemalloc's `thread.allocated` of this thread, or [`NOT_COUNTING`].
+    allocated: Cell<*const u64>,
+    /// An allocation stays on the fast path while `allocated` plus its
+    /// request is below this; 0 while the thread counts nothing.
+    alloc_mark: Cell<u64>,
+    /// jemalloc's `thread.deallocated` of this thread, or [`NOT_COUNTING`].
+    deallocated: Cell<*const u64>,
+    /// The same for frees, on `deallocated`.
+    free_mark: Cell<u64>,
     state: Cell<u8>,
     slot: Cell<*const Slot>,
-    allocated: Cell<*const u64>,
-    deallocated: Cell<*const u64>,
     /// `allocated - deallocated` as of the last fold (or the join).
     folded: Cell<u64>,
-    /// How this jemalloc rounds a large request ([`large_rounding`]); 0
-    /// while the thread has no slot, or if the rounding is not known, and
-    /// large calls then look at the counters instead.
-    large: Cell<usize>,
+    /// What the thread holds from the budget's pool: its pending stays
+    /// within it, and its interval is the floor plus it.
+    allowance: Cell<usize>,
+    /// The slack of the allocator that made the thread's last look: what a
+    /// look from outside a call (a reading, a C call) decides with.
+    slack: Cell<usize>,
 }
 
 thread_local! {
@@ -93,16 +114,23 @@ thread_local! {
     // at any point of a thread's life.
     static THREAD: Thread = const {
         Thread {
-            level: Cell::new(OUTSIDE),
+            allocated: Cell::new(&NOT_COUNTING),
+            alloc_mark: Cell::new(0),
+            deallocated: Cell::new(&NOT_COUNTING),
+            free_mark: Cell::new(0),
             state: Cell::new(UNREGISTERED),
             slot: Cell::new(ptr::null()),
-            allocated: Cell::new(ptr::null()),
-            deallocated: Cell::new(ptr::null()),
             folded: Cell::new(0),
-            large: Cell::new(0),
+            allowance: Cell::new(0),
+            slack: Cell::new(super::DEFAULT_SLACK),
         }
     };
 }
+
+/// The slack of the allocator that made the last join through a Rust call:
+/// what a thread that joins through a C call ([`crate::c_heap!`]) decides
+/// with. Relaxed: a process has one global allocator, so one slack.
+static SLACK: AtomicUsize = AtomicUsize::new(super::DEFAULT_SLACK);
 
 /// The alignment jemalloc gives every block without being asked (C's
 /// `max_align_t`): tikv-jemallocator calls plain `malloc` for blocks
@@ -120,322 +148,128 @@ pub(crate) const fn plain(layout: Layout) -> bool {
     layout.align() <= PLAIN_ALIGN && layout.align() <= layout.size()
 }
 
-/// A block's weight: its size plus 16, or plus its alignment if that is
-/// larger. jemalloc's usable size is at most 1.25 times that for every size
-/// class and alignment (8 for 1 byte, 160 for 129, a quarter more at most
-/// from 128 bytes up, the alignment at most for a block smaller than it),
-/// so the weighted net bounds the usable one. An alloc/free pair weighs
-/// nothing in all.
+/// What a call of `layout` is checked against a mark with: its size for a
+/// plain block, and its size plus its alignment otherwise. jemalloc's usable
+/// size for it is less than 1.25 times that plus 16 bytes: a request of up
+/// to 128 bytes is rounded to 8 or a multiple of 16, a larger one to one of
+/// four classes per doubling (or, on 5.3.1, a large one to whole pages,
+/// which is finer), so by less than a quarter of it; an aligned one is
+/// first padded to its alignment.
 #[inline(always)]
-pub(crate) const fn weight(layout: Layout) -> usize {
-    if layout.align() <= 16 {
-        layout.size().wrapping_add(16)
+pub(crate) const fn charge(layout: Layout) -> u64 {
+    if plain(layout) {
+        layout.size() as u64
     } else {
-        layout.size().wrapping_add(layout.align())
+        layout.size() as u64 + layout.align() as u64
     }
 }
 
-/// What an allocation (or with `free`, a free) of `layout` moves the
-/// thread's level by.
-#[inline]
-pub(crate) fn delta(layout: Layout, free: bool) -> isize {
-    let w = weight(layout) as isize;
-    if free {
-        -w
-    } else {
-        w
-    }
-}
-
-/// The fast path of an allocation of `layout`: adds its weight to the
-/// thread's level and returns `true` if the level stays within the window;
-/// otherwise changes nothing and returns `false` (the caller goes to its
-/// cold path).
+/// The fast path of an allocation of `layout`: whether the thread's
+/// allocated counter plus the request stays below its mark, so that the
+/// call may go straight to jemalloc. Only plain blocks: the compiler then
+/// knows that the call into jemalloc that follows is plain `malloc`, and
+/// merges the two tests.
 #[inline(always)]
-pub(crate) fn add(layout: Layout, slack: usize) -> bool {
-    // Only plain blocks: the compiler then knows that the call into
-    // jemalloc that follows is plain `malloc`, and merges the two tests.
-    plain(layout)
-        && THREAD.with(|t| {
-            let l = &t.level;
-            let level = l.get().wrapping_add(weight(layout) as isize);
-            // `0 <= level <= 2 * window` as one unsigned compare.
-            if level as usize <= 2 * window(slack) {
-                l.set(level);
-                true
-            } else {
-                false
-            }
-        })
+pub(crate) fn add(layout: Layout) -> bool {
+    plain(layout) && THREAD.with(|t| below(&t.allocated, layout.size() as u64, &t.alloc_mark))
 }
 
-/// The fast path of a free of `layout`: only the window's lower end can be
-/// crossed, and `level < 0` is the sign of the subtraction itself.
+/// The fast path of a free of `layout`: the same on the deallocated counter.
 #[inline(always)]
 pub(crate) fn take(layout: Layout) -> bool {
+    plain(layout) && THREAD.with(|t| below(&t.deallocated, layout.size() as u64, &t.free_mark))
+}
+
+/// The fast path of a reallocation of a block of `layout` to `new_size`
+/// bytes: jemalloc moves the allocated counter by the new block and the
+/// deallocated one by the old, so both must stay below their marks.
+#[inline(always)]
+pub(crate) fn resize(layout: Layout, new_size: usize) -> bool {
+    // Plain at both sizes: tikv-jemallocator then calls plain `realloc`.
     plain(layout)
+        && layout.align() <= new_size
         && THREAD.with(|t| {
-            let l = &t.level;
-            let level = l.get().wrapping_sub(weight(layout) as isize);
-            if level >= 0 {
-                l.set(level);
-                true
-            } else {
-                false
-            }
+            below(&t.allocated, new_size as u64, &t.alloc_mark)
+                && below(&t.deallocated, layout.size() as u64, &t.free_mark)
         })
 }
 
-/// The window for `slack`: [`WINDOW`], or the slack if smaller (a slack of
-/// 0 looks after every call).
+/// Whether `*counter + charge < mark`: the counter of the calling thread
+/// (or [`NOT_COUNTING`]) read as it is between two of its jemalloc calls.
 #[inline(always)]
-const fn window(slack: usize) -> usize {
-    if slack < WINDOW {
-        slack
-    } else {
-        WINDOW
-    }
+fn below(counter: &Cell<*const u64>, charge: u64, mark: &Cell<u64>) -> bool {
+    // SAFETY: `counter` points at `NOT_COUNTING` or, on an `ACTIVE` thread,
+    // at one of the counters jemalloc gave for this very thread (see `net`),
+    // which only this thread writes, inside jemalloc's calls, and none is
+    // running on this thread now.
+    let now = unsafe { *counter.get() };
+    // Wrapping: the counters are byte totals of one thread's life, far
+    // below 2^63; a charge is at most `isize::MAX` plus an alignment.
+    now.wrapping_add(charge) < mark.get()
 }
 
-/// Off the fast path, before a call that moves the thread's net by `delta`
-/// weighted bytes: makes sure the thread has a slot, and if the call is
-/// small, publishes its counters now and re-centres its level with the call
-/// counted in it. Returns what the call must do afterwards.
-#[inline]
-pub(crate) fn before(delta: isize, slack: usize) -> After {
-    if !joined() {
-        return After::CountItself;
-    }
-    let window = window(slack);
-    if delta.unsigned_abs() <= window {
-        THREAD.with(|t| {
-            look(t, fold_size(slack));
-            t.level.set(window as isize + delta);
-        });
-        After::Nothing
-    } else {
-        After::Look
-    }
-}
-
-/// What a cold call does after the inner allocator returns.
+/// What a call that missed the fast path does around the inner call.
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) enum After {
-    /// The level covers the call: nothing.
-    Nothing,
-    /// A call larger than the window: look at the counters right after it,
-    /// so that the total sees it at once ([`after`]).
+pub(crate) enum Cold {
+    /// An aligned call that stays below the marks: the call alone.
+    Fits,
+    /// The call, then a look at the counters ([`look_now`]).
     Look,
     /// The thread has no slot: count the call by its usable size.
     CountItself,
 }
 
-/// Whether the calling thread, which has a plain call larger than
-/// [`WINDOW`] to make, may skip the cold path: it has its slot, and its
-/// exact usable size ([`large_usable`]) is published at once, without a
-/// look ([`alloc_large`], [`free_large`]).
-#[inline(always)]
-pub(crate) fn large_ready() -> bool {
-    THREAD.with(|t| t.large.get()) != 0
-}
-
-/// [`large_rounding`]: jemalloc's size classes, four per doubling.
-const CLASSES: usize = usize::MAX;
-/// [`LARGE`] before the first join has looked.
-const NOT_YET: usize = 1;
-
-/// How this process's jemalloc rounds a plain request larger than
-/// [`WINDOW`]: [`CLASSES`], or a page mask (jemalloc 5.3.1 rounds large
-/// requests up to whole pages by default, `opt.disable_large_size_classes`),
-/// or 0 if neither agrees with `nallocx`. Found by the first join.
-static LARGE: AtomicUsize = AtomicUsize::new(NOT_YET);
-
-/// The usable size jemalloc gives, and adds to the thread's counters for, a
-/// plain request of `size` bytes, `WINDOW < size <= isize::MAX`, rounded as
-/// `rounding` says ([`large_rounding`], not 0). A request past jemalloc's
-/// largest class fails, so no block of it is ever counted.
-#[inline(always)]
-pub(crate) const fn large_usable(size: usize, rounding: usize) -> usize {
-    let mask = if rounding == CLASSES {
-        // Classes `2^(lg - 3)` apart below `2^lg = ceil(log2(size))`.
-        let lg = usize::BITS - (size - 1).leading_zeros();
-        (1usize << (lg - 3)) - 1
-    } else {
-        rounding
-    };
-    (size + mask) & !mask
-}
-
-/// [`LARGE`], found once: jemalloc's own option and page size say which
-/// rounding it uses, and `nallocx` must agree ([`agrees_with_jemalloc`]),
-/// else large calls keep looking at the counters. Racing first joins find
-/// the same.
-pub(crate) fn large_rounding() -> usize {
-    // Relaxed: a value found from jemalloc alone; any thread finds the same.
-    let known = LARGE.load(Relaxed);
-    if known != NOT_YET {
-        return known;
+/// Off the fast path, before an allocation of `layout` (or with `free`, a
+/// free): makes sure the thread has a slot and says what the call does.
+#[inline]
+pub(crate) fn cold(layout: Layout, free: bool, slack: usize) -> Cold {
+    if !joined(slack) {
+        return Cold::CountItself;
     }
-    // SAFETY: jemalloc documents both types (the option exists from 5.3.1).
-    let (pages, page) = unsafe {
-        (
-            read::<bool>(c"opt.disable_large_size_classes").unwrap_or(false),
-            read::<usize>(c"arenas.page"),
-        )
-    };
-    let rounding = match (pages, page) {
-        (false, _) => CLASSES,
-        (true, Some(page)) if page.is_power_of_two() => page - 1,
-        (true, _) => 0,
-    };
-    let found = if agrees_with_jemalloc(rounding) {
-        rounding
-    } else {
-        0
-    };
-    // Relaxed: as the load above; a racing first join stores the same.
-    LARGE.store(found, Relaxed);
-    found
-}
-
-/// Whether [`large_usable`] with `rounding` gives what `nallocx` gives at,
-/// and one byte either side of, every size-class boundary from 64 KiB to
-/// 2^40 and every 4 KiB page from the window to four times it.
-pub(crate) fn agrees_with_jemalloc(rounding: usize) -> bool {
-    if rounding == 0 {
-        return false;
+    if plain(layout) {
+        return Cold::Look;
     }
-    let agrees = |size: usize| {
-        // SAFETY: `nallocx` computes a size class; it allocates nothing.
-        large_usable(size, rounding) == unsafe { sys::nallocx(size, 0) }
-    };
-    let classes = (16..40).flat_map(|lg| (4..8).map(move |q| q << (lg - 2)));
-    let pages = (WINDOW >> 12..(4 * WINDOW) >> 12).map(|p| p << 12);
-    classes
-        .chain(pages)
-        .filter(|&b| b > WINDOW + 1)
-        .all(|b| agrees(b - 1) && agrees(b) && agrees(b + 1))
-}
-
-/// A plain allocation (`zeroed`: plain `calloc`) larger than [`WINDOW`], on
-/// a thread with a slot: jemalloc's call, then its usable size published
-/// (no look at the counters, which a program of 64 KiB blocks would make
-/// on every call). Inlined into the allocator's cold dispatch: one call
-/// less per large call (86.6 instructions over bare jemalloc per 64 KiB
-/// pair, against 106 with it out of line).
-///
-/// # Safety
-///
-/// As `GlobalAlloc::alloc` for a plain layout of `size > WINDOW` bytes, on
-/// a thread for which [`large_ready`] holds.
-#[inline(always)]
-pub(crate) unsafe fn alloc_large(size: usize, zeroed: bool, slack: usize) -> *mut u8 {
-    // SAFETY: plain `malloc`/`calloc`, as tikv-jemallocator calls them for a
-    // plain layout ([`plain`]); the caller's contract.
-    let ptr = unsafe {
-        if zeroed {
-            sys::calloc(1, size)
+    let fits = THREAD.with(|t| {
+        if free {
+            below(&t.deallocated, charge(layout), &t.free_mark)
         } else {
-            sys::malloc(size)
+            below(&t.allocated, charge(layout), &t.alloc_mark)
         }
-    };
-    // Only once jemalloc succeeded: a refused request counts nothing.
-    if !ptr.is_null() {
-        THREAD.with(|t| {
-            // SAFETY: as in `look`: an `ACTIVE` thread's own slot.
-            let slot = unsafe { &*t.slot.get() };
-            if let Some(pending) = publish_large(t, slot, size, 1, slack) {
-                fold_pending(t, slot, pending);
-            }
-        });
-    }
-    ptr.cast()
-}
-
-/// A plain free larger than [`WINDOW`] on a thread with a slot: its usable
-/// size is published first, then the free is jemalloc's, as a jump. A
-/// reading in between sees the block gone an instant early.
-///
-/// # Safety
-///
-/// As `GlobalAlloc::dealloc`: `block` is a live block of this allocator of
-/// `size > WINDOW` bytes, with a plain layout, on a thread for which
-/// [`large_ready`] holds.
-#[inline(always)]
-pub(crate) unsafe fn free_large(block: *mut u8, size: usize, slack: usize) {
-    let due = THREAD.with(|t| {
-        // SAFETY: as in `look`: an `ACTIVE` thread's own slot.
-        publish_large(t, unsafe { &*t.slot.get() }, size, -1, slack)
     });
-    if let Some(pending) = due {
-        // SAFETY: the caller's contract.
-        return unsafe { fold_then_free(block, size, pending) };
-    }
-    // SAFETY: sized free with no flags, as tikv-jemallocator frees a plain
-    // layout; the caller's contract.
-    unsafe { sys::sdallocx(block.cast(), size, 0) };
-}
-
-/// [`free_large`] when its free makes a fold due: the fold, then the free.
-/// Out of line, so that the common case saves no register.
-///
-/// # Safety
-///
-/// As [`free_large`].
-#[cold]
-#[inline(never)]
-unsafe fn fold_then_free(block: *mut u8, size: usize, pending: isize) {
-    THREAD.with(|t| {
-        // SAFETY: as in `look`.
-        fold_pending(t, unsafe { &*t.slot.get() }, pending);
-    });
-    // SAFETY: as in `free_large`.
-    unsafe { sys::sdallocx(block.cast(), size, 0) };
-}
-
-/// Adds the usable size of a large call of `size` bytes, `sign` 1 for an
-/// allocation and -1 for a free, to what thread `t` published in `slot`.
-/// Returns the new pending delta, unpublished, if it is more than the
-/// thread's share either way and must be folded ([`fold_pending`]). The
-/// next look publishes `net - folded` again, which has the block in it:
-/// jemalloc's counters move by exactly that usable size.
-#[inline(always)]
-fn publish_large(t: &Thread, slot: &Slot, size: usize, sign: isize, slack: usize) -> Option<isize> {
-    let usable = large_usable(size, t.large.get()) as isize;
-    let pending = slot.published().wrapping_add(sign * usable);
-    if pending.unsigned_abs() > fold_size(slack) {
-        Some(pending)
+    if fits {
+        Cold::Fits
     } else {
-        slot.publish(pending);
-        None
+        Cold::Look
     }
 }
 
-/// The fold of a large call, out of line: `pending` moves into the total
-/// and into what the next look subtracts from the counters' net.
-#[cold]
-#[inline(never)]
-fn fold_pending(t: &Thread, slot: &Slot, pending: isize) {
-    t.folded.set(t.folded.get().wrapping_add(pending as u64));
-    observe(slot.fold_published(&TOTAL, pending));
+/// Off the fast path, before a reallocation: [`Cold::Look`] or
+/// [`Cold::CountItself`].
+#[inline]
+pub(crate) fn cold_resize(slack: usize) -> Cold {
+    if joined(slack) {
+        Cold::Look
+    } else {
+        Cold::CountItself
+    }
 }
 
-/// After a call larger than the window: publishes (or folds) at once and
-/// re-centres the level.
-#[inline(always)]
-pub(crate) fn after(slack: usize) {
+/// After a cold call on a thread with a slot: a look with the allocator's
+/// `slack`.
+#[inline]
+pub(crate) fn look_now(slack: usize) {
     THREAD.with(|t| {
-        look(t, fold_size(slack));
-        t.level.set(window(slack) as isize);
+        t.slack.set(slack);
+        look(t);
     });
 }
 
 /// Whether the calling thread has a slot, joining if it never tried.
 #[inline]
-fn joined() -> bool {
+fn joined(slack: usize) -> bool {
     match THREAD.with(|t| t.state.get()) {
         ACTIVE => true,
-        UNREGISTERED => join(),
+        UNREGISTERED => join(slack),
         _ => false,
     }
 }
@@ -461,8 +295,9 @@ pub(crate) fn counters_missing() -> bool {
 
 #[cold]
 #[inline(never)]
-fn join() -> bool {
+fn join(slack: usize) -> bool {
     THREAD.with(|t| t.state.set(REGISTERING));
+    note_slack(slack);
     crate::stats::note_jemalloc_inner();
     // SAFETY: jemalloc documents both as `uint64_t *`.
     let counters = unsafe { (read::<*mut u64>(COUNTERS[0]), read::<*mut u64>(COUNTERS[1])) };
@@ -482,45 +317,61 @@ fn join() -> bool {
     };
     slot.empty(0);
     THREAD.with(|t| {
+        t.slot.set(slot);
+        t.folded.set(counted(a, d));
+        t.slack.set(slack);
+        t.state.set(ACTIVE);
+        // The marks last: from here on the fast path reads the counters.
         t.allocated.set(a);
         t.deallocated.set(d);
-        t.slot.set(slot);
-        t.folded.set(net(t));
-        t.large.set(large_rounding());
-        t.state.set(ACTIVE);
+        look(t);
     });
     thread_joined();
     true
 }
 
-/// The calling thread's `allocated - deallocated`, from its own counters.
-#[inline(always)]
-fn net(t: &Thread) -> u64 {
-    let (a, d) = (t.allocated.get(), t.deallocated.get());
-    // SAFETY: only called on an `ACTIVE` thread, whose two pointers jemalloc
-    // gave for this very thread: they point into its thread-specific data,
-    // which lives in the thread's static thread-local block until the thread
-    // is gone. Only this thread writes them (inside jemalloc's calls, which
-    // are not running now on this thread), so a plain read is no race.
-    unsafe { (*a).wrapping_sub(*d) }
+/// `*allocated - *deallocated` for the calling thread's own counters.
+fn counted(allocated: *const u64, deallocated: *const u64) -> u64 {
+    // SAFETY: the two pointers jemalloc gave for this very thread: they
+    // point into its thread-specific data, which lives in the thread's
+    // static thread-local block until the thread is gone. Only this thread
+    // writes them (inside jemalloc's calls, which are not running now on
+    // this thread), so a plain read is no race.
+    unsafe { (*allocated).wrapping_sub(*deallocated) }
 }
 
 /// Publishes what the thread counted since its last fold, folding it into
-/// the total once it exceeds `fold` bytes either way.
+/// the total once it exceeds the thread's allowance either way, settles the
+/// allowance and sets the marks one interval past the counters.
 #[inline(always)]
-fn look(t: &Thread, fold: usize) {
+fn look(t: &Thread) {
     #[cfg(test)]
     LOOKS.with(|l| l.set(l.get() + 1));
-    let net = net(t);
+    let (a, d) = (t.allocated.get(), t.deallocated.get());
+    // SAFETY: as in `counted`: an `ACTIVE` thread's own counters.
+    let (allocated, deallocated) = unsafe { (*a, *d) };
+    let net = allocated.wrapping_sub(deallocated);
     let pending = net.wrapping_sub(t.folded.get()) as isize;
+    let slack = t.slack.get();
+    let held = t.allowance.get();
+    let kept = settle(held, slack);
     // SAFETY: an `ACTIVE` thread's slot, claimed by it and held until it
     // frees it in `leave`; slots are never unmapped.
     let slot = unsafe { &*t.slot.get() };
-    if pending.unsigned_abs() > fold {
+    if pending.unsigned_abs() > kept {
         fold_now(t, slot, net, pending);
     } else {
         slot.publish(pending);
     }
+    // Given back only now: until the new pending was published, the old
+    // one was within the old allowance.
+    if kept < held {
+        give_back(held - kept);
+    }
+    t.allowance.set(kept);
+    let step = interval(kept, slack) as u64;
+    t.alloc_mark.set(allocated.wrapping_add(step));
+    t.free_mark.set(deallocated.wrapping_add(step));
 }
 
 /// [`look`]'s fold, out of line.
@@ -533,55 +384,35 @@ fn fold_now(t: &Thread, slot: &Slot, net: u64, pending: isize) {
 
 /// Before a call of the C library's allocation functions routed through
 /// memwatch ([`crate::c_heap!`]): whether the calling thread has a slot,
-/// joining if it never tried. If not, the caller counts the call by its
-/// usable size ([`count_itself`]).
+/// joining if it never tried (with the slack of the process's allocator).
+/// If not, the caller counts the call by its usable size
+/// ([`count_itself`]).
 #[inline]
 pub(crate) fn c_ready() -> bool {
-    joined()
+    // Relaxed: see `SLACK`.
+    joined(SLACK.load(Relaxed))
 }
 
-/// After a C `malloc` (or `calloc`) of `size` bytes on a thread with a
-/// slot: the Rust fast path's own step, the block's weight added to the
-/// level (a C block is plain: aligned to 16, so its weight bounds its
-/// usable size as a Rust block's does), and the exact look of [`c_after`]
-/// only when the level leaves the window.
+/// After a C call on a thread with a slot (C gives no size for a free, so
+/// the check comes after the call): a look once either counter reached its
+/// mark. Between two calls both stay below their marks, as for Rust calls.
 #[inline]
-pub(crate) fn c_allocated(size: usize) {
+pub(crate) fn c_after() {
     THREAD.with(|t| {
-        let level = t.level.get().wrapping_add(size.wrapping_add(16) as isize);
-        if level as usize <= 2 * WINDOW {
-            t.level.set(level);
-        } else {
-            c_exact(t);
+        if !below(&t.allocated, 0, &t.alloc_mark) || !below(&t.deallocated, 0, &t.free_mark) {
+            look(t);
         }
     });
 }
 
-/// After any other C call on a thread with a slot (a free, whose size C
-/// does not give; a reallocation): [`c_exact`].
+/// Notes the slack of the allocator whose call joins a thread, for threads
+/// that join through C calls.
 #[inline]
-pub(crate) fn c_after() {
-    THREAD.with(c_exact);
-}
-
-/// The thread's exact movement since its last look, read from its own
-/// counters, either re-centres the level (usable bytes stand in for
-/// weighted ones, which only brings the next look sooner) or, past the
-/// window, makes the thread look now. Either way the level bounds what the
-/// thread has not published, as for Rust calls.
-#[inline]
-fn c_exact(t: &Thread) {
-    // SAFETY: as in `look`: the calling thread's own slot.
-    let slot = unsafe { &*t.slot.get() };
-    // The net at the last look: what was folded, plus what was published
-    // since (the look either folds or publishes).
-    let looked = t.folded.get().wrapping_add(slot.published() as u64);
-    let moved = net(t).wrapping_sub(looked) as isize;
-    if moved.unsigned_abs() > WINDOW {
-        look(t, fold_size(super::DEFAULT_SLACK));
-        t.level.set(WINDOW as isize);
-    } else {
-        t.level.set(WINDOW as isize + moved);
+fn note_slack(slack: usize) {
+    // Relaxed: see `SLACK`. The load first: the word is read by every C
+    // join and written once.
+    if SLACK.load(Relaxed) != slack {
+        SLACK.store(slack, Relaxed);
     }
 }
 
@@ -590,10 +421,14 @@ fn c_exact(t: &Thread) {
 pub(crate) fn publish_own() {
     THREAD.with(|t| {
         if t.state.get() == ACTIVE {
-            // `usize::MAX`: publish only; any fold waits for the next look.
-            look(t, usize::MAX);
+            look(t);
         }
     });
+}
+
+/// The allowance the calling thread holds (for the fork clean-up).
+pub(crate) fn allowance() -> usize {
+    THREAD.with(|t| t.allowance.get())
 }
 
 /// The calling thread's end (from the exit key's destructor): folds all it
@@ -603,9 +438,20 @@ pub(crate) fn leave() {
         if t.state.replace(DIRECT) != ACTIVE {
             return None;
         }
-        look(t, 0);
-        t.level.set(OUTSIDE);
-        t.large.set(0);
+        // SAFETY: as in `look`.
+        let slot = unsafe { &*t.slot.get() };
+        let net = counted(t.allocated.get(), t.deallocated.get());
+        let pending = net.wrapping_sub(t.folded.get()) as isize;
+        if pending != 0 {
+            fold_now(t, slot, net, pending);
+        } else {
+            slot.publish(0);
+        }
+        give_back(t.allowance.replace(0));
+        t.allocated.set(&NOT_COUNTING);
+        t.deallocated.set(&NOT_COUNTING);
+        t.alloc_mark.set(0);
+        t.free_mark.set(0);
         Some(t.slot.replace(ptr::null()))
     });
     if let Some(slot) = slot {
@@ -623,7 +469,7 @@ pub(crate) fn add_pending(sum: &mut isize, ahead: &mut isize) {
 
 /// In a forked child: folds and frees every slot but the calling thread's;
 /// returns how many it freed. What the other threads did since they last
-/// published is lost: at most 60 KiB each.
+/// looked is lost: less than 1.25 times their interval plus 16 bytes each.
 pub(crate) fn forget_other_threads() -> usize {
     TABLE.forget_all_but(THREAD.with(|t| t.slot.get()), &TOTAL)
 }
@@ -678,6 +524,18 @@ thread_local! {
 #[cfg(test)]
 pub(crate) fn looks() -> usize {
     LOOKS.with(Cell::get)
+}
+
+/// The calling thread's interval now (0 if it has no slot).
+#[cfg(test)]
+pub(crate) fn own_interval() -> usize {
+    THREAD.with(|t| {
+        if t.state.get() == ACTIVE {
+            interval(t.allowance.get(), t.slack.get())
+        } else {
+            0
+        }
+    })
 }
 
 /// How many threads hold a slot now.

@@ -73,7 +73,7 @@ mod process {
     /// Threads holding a slot, in either table.
     static THREADS: AtomicUsize = AtomicUsize::new(0);
 
-    /// The process's error budget in bytes (see [`fold_size`]).
+    /// The process's error budget in bytes (see [`pool`]).
     static BUDGET: AtomicUsize = AtomicUsize::new(MIN_BUDGET);
 
     /// The sum of the positive pending deltas at the last exact check: what
@@ -87,17 +87,91 @@ mod process {
         observe(slot::add_to(&TOTAL, delta));
     }
 
-    /// A thread's share of the budget: half the budget split among the
-    /// threads, kept up to date by [`reshare`] so that a look reads one word.
-    static SHARE: AtomicUsize = AtomicUsize::new(MIN_BUDGET / 2);
+    /// The allowances the threads hold now, in bytes: what every thread
+    /// took from the pool at its last decision and has not given back.
+    /// Never above [`pool`] (but after the budget was lowered, until the
+    /// threads next decide).
+    static HELD: AtomicUsize = AtomicUsize::new(0);
 
-    /// How far a thread's pending delta may go either way before it folds:
-    /// its share of the budget, never more than `slack`. Relaxed: a
-    /// read-mostly figure; a thread that reads a stale one is caught by the
-    /// exact check that every join makes.
+    /// A thread's fair share of the pool: the pool split among the threads,
+    /// kept up to date by [`reshare`] so that a decision reads one word.
+    static SHARE: AtomicUsize = AtomicUsize::new(pool_of(MIN_BUDGET));
+
+    /// The pool of allowances for the budget `budget`: 4/13 of it. The
+    /// error bound spends the pool 3.25 times over (docs/design.md, "The
+    /// error bound": twice for pendings that swing from one side to the
+    /// other between exact checks, 1.25 times for what jemalloc's counters
+    /// hold unpublished), so that the three together stay within the
+    /// budget.
+    const fn pool_of(budget: usize) -> usize {
+        budget / 13 * 4
+    }
+
+    /// The pool for the budget in force.
+    pub(crate) fn pool() -> usize {
+        pool_of(BUDGET.load(Relaxed))
+    }
+
+    /// The allowance a thread asks for at a decision: its fair share of the
+    /// pool, never more than `slack`. Relaxed: a read-mostly figure; what a
+    /// thread may actually hold is settled by [`grow`] on [`HELD`].
     #[inline]
-    pub(crate) fn fold_size(slack: usize) -> usize {
+    pub(crate) fn wanted(slack: usize) -> usize {
         slack.min(SHARE.load(Relaxed))
+    }
+
+    /// Takes up to `want - held` more from the pool for a thread that holds
+    /// `held`, as much as the pool has left; returns what the thread holds
+    /// then (`held` if the pool is spent). `want > held`.
+    ///
+    /// Relaxed throughout: [`HELD`] is a count of a resource and publishes
+    /// no other memory; the read-modify-write alone keeps the sum of the
+    /// allowances within the pool.
+    #[cold]
+    pub(crate) fn grow(held: usize, want: usize) -> usize {
+        debug_assert!(want > held);
+        let pool = pool();
+        let mut now = HELD.load(Relaxed);
+        loop {
+            let take = (want - held).min(pool.saturating_sub(now));
+            if take == 0 {
+                return held;
+            }
+            match HELD.compare_exchange_weak(now, now + take, Relaxed, Relaxed) {
+                Ok(_) => return held + take,
+                Err(seen) => now = seen,
+            }
+        }
+    }
+
+    /// Gives `amount` of a thread's allowance back to the pool: after the
+    /// thread stopped relying on it (its pending is within what it keeps).
+    pub(crate) fn give_back(amount: usize) {
+        if amount != 0 {
+            // Relaxed: see `grow`.
+            HELD.fetch_sub(amount, Relaxed);
+        }
+    }
+
+    /// The allowance a thread settles on at a decision, holding `held`
+    /// before it, for an allocator with `slack`: at most its fair share,
+    /// grown from the pool if it asks for more. The caller gives back
+    /// `held - kept` with [`give_back`] once it keeps its pending within
+    /// the new allowance.
+    #[inline]
+    pub(crate) fn settle(held: usize, slack: usize) -> usize {
+        let want = wanted(slack);
+        if want > held {
+            grow(held, want)
+        } else {
+            want
+        }
+    }
+
+    /// The allowances held now (for a test, and the fork clean-up).
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) fn held() -> usize {
+        HELD.load(Relaxed)
     }
 
     /// Recomputes [`SHARE`] after the threads or the budget changed. Of two
@@ -106,7 +180,7 @@ mod process {
     fn reshare() {
         loop {
             let (threads, budget) = (THREADS.load(SeqCst), BUDGET.load(SeqCst));
-            SHARE.store(budget / (2 * threads.max(1)), SeqCst);
+            SHARE.store(pool_of(budget) / threads.max(1), SeqCst);
             if THREADS.load(SeqCst) == threads && BUDGET.load(SeqCst) == budget {
                 return;
             }
@@ -301,6 +375,15 @@ mod process {
             freed += super::jemalloc::forget_other_threads();
         }
         THREADS.fetch_sub(freed, SeqCst);
+        // The other threads' allowances went with them: only the forking
+        // thread's own are held now.
+        #[allow(unused_mut)]
+        let mut kept = super::own::allowance();
+        #[cfg(memwatch_jemalloc_counts)]
+        {
+            kept += super::jemalloc::allowance();
+        }
+        HELD.store(kept, Relaxed);
         reshare();
     }
 }

@@ -15,7 +15,7 @@ use std::cell::Cell;
 use super::slot::Slot;
 use super::state::{ACTIVE, DIRECT, REGISTERING, UNREGISTERED};
 use super::table::Table;
-use super::{claim, fold, fold_size, observe, thread_joined, thread_left, TOTAL};
+use super::{claim, fold, give_back, observe, settle, thread_joined, thread_left, TOTAL};
 
 /// The slots of threads that count through memwatch's own count.
 static TABLE: Table = Table::new();
@@ -29,6 +29,34 @@ thread_local! {
     // touching them never allocates.
     static SLOT: Cell<&'static Slot> = const { Cell::new(&NOWHERE) };
     static STATE: Cell<u8> = const { Cell::new(UNREGISTERED) };
+    /// The allowance the thread holds from the budget's pool: its slot's
+    /// window, so its pending stays within it either way.
+    static ALLOWANCE: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Settles the calling thread's allowance for `slack` and empties its slot
+/// with the new window, after moving its pending and `delta` into the total
+/// (`fold`) or, at the join, from nothing. Returns the fold's new total.
+fn refold(slot: &'static Slot, delta: Option<isize>, slack: usize) -> Option<isize> {
+    let held = ALLOWANCE.with(Cell::get);
+    let kept = settle(held, slack);
+    let now = match delta {
+        Some(delta) => Some(slot.fold_into(&TOTAL, delta, kept)),
+        None => {
+            slot.empty(kept);
+            None
+        }
+    };
+    // Given back only now: until the slot's new window was set, its old
+    // pending was within the old allowance.
+    give_back(held.saturating_sub(kept));
+    ALLOWANCE.with(|a| a.set(kept));
+    now
+}
+
+/// The allowance the calling thread holds (for the fork clean-up).
+pub(crate) fn allowance() -> usize {
+    ALLOWANCE.with(Cell::get)
 }
 
 /// The fast path: counts `delta` for the calling thread if its pending
@@ -60,7 +88,9 @@ fn record_cold(delta: isize, slack: usize, on_join: impl Fn()) {
     match STATE.with(Cell::get) {
         ACTIVE => {
             let slot = SLOT.with(Cell::get);
-            observe(slot.fold_into(&TOTAL, delta, fold_size(slack)));
+            if let Some(now) = refold(slot, Some(delta), slack) {
+                observe(now);
+            }
         }
         UNREGISTERED => {
             on_join();
@@ -84,7 +114,7 @@ fn join(slack: usize) -> bool {
         }
     };
     // Pending 0 before anyone reads it (the claim's fence orders it).
-    slot.empty(fold_size(slack));
+    refold(slot, None, slack);
     SLOT.with(|s| s.set(slot));
     STATE.with(|s| s.set(ACTIVE));
     thread_joined();
@@ -99,6 +129,7 @@ pub(crate) fn leave() {
     }
     let slot = SLOT.with(|s| s.replace(&NOWHERE));
     observe(slot.drain_into(&TOTAL));
+    give_back(ALLOWANCE.with(|a| a.replace(0)));
     TABLE.release(slot);
     thread_left();
 }

@@ -153,14 +153,6 @@ impl Slot {
         self.level.store(pending, Relaxed);
     }
 
-    /// What the owner last published (bias 0). Owner only: Relaxed reads
-    /// its own last store.
-    #[cfg_attr(not(any(loom, memwatch_jemalloc_counts)), allow(dead_code))]
-    #[inline]
-    pub(crate) fn published(&self) -> isize {
-        self.level.load(Relaxed)
-    }
-
     /// Pending 0 with a window of `window` bytes either way: a slot just
     /// claimed or just folded. Owner only.
     pub(crate) fn empty(&self, window: usize) {

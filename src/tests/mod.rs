@@ -611,3 +611,4 @@ fn c_thread<A: GlobalAlloc + Sync + 'static>(
 /// in usable sizes.
 #[cfg(memwatch_jemalloc_counts)]
 mod jemalloc;
+mod random;
