@@ -25,10 +25,15 @@ pub struct Snapshot {
     /// Threads that hold a slot in memwatch's table now (every thread that
     /// has called the allocator and not ended).
     pub threads: usize,
-    /// The process's error budget in bytes: how far the threshold check may
-    /// be off, plus 60 KiB per thread over jemalloc (see
-    /// [`MIN_BUDGET`](crate::MIN_BUDGET)).
+    /// The process's error budget in bytes: the trip comes at most this
+    /// much, plus 64 KiB per thread over jemalloc, before or after the heap
+    /// crosses the threshold (see [`MIN_BUDGET`](crate::MIN_BUDGET)).
     pub error_budget_bytes: usize,
+    /// The most [`live_bytes`] may be off by now, either way, from what the
+    /// other live threads have not published yet: over jemalloc less than
+    /// 1.25 times each one's interval plus 16 bytes (docs/design.md, "The
+    /// error bound"); over memwatch's own count 0 for quiescent threads.
+    pub reading_error_bytes: usize,
 }
 
 /// Live heap bytes through the memwatch allocator: allocated and not yet
@@ -38,8 +43,11 @@ pub struct Snapshot {
 ///
 /// Exact for threads that have ended and for the calling thread's own
 /// calls; over memwatch's own count, exact for every quiescent thread. Over
-/// jemalloc, each other live thread may have up to 60 KiB of net allocation
-/// or free that it has not published yet. Costs one load per thread slot (256
+/// jemalloc, each other live thread may hold allocations or frees it has not
+/// published yet: less than 1.25 times its interval plus 16 bytes, the
+/// interval being 48 KiB plus the thread's allowance from the error budget
+/// and at most the slack ([`Snapshot::reading_error_bytes`] gives the sum
+/// now). Costs one load per thread slot (256
 /// at least) and no lock: fine for a metrics endpoint, and no thread ever
 /// waits for a reading.
 pub fn live_bytes() -> usize {
@@ -86,6 +94,7 @@ pub fn snapshot() -> Snapshot {
         shed_bytes: latch::shed_levels().map(|(enter, _)| clamp(enter)),
         threads: count::threads(),
         error_budget_bytes: count::budget(),
+        reading_error_bytes: count::reading_error(),
     }
 }
 

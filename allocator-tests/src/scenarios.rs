@@ -842,3 +842,83 @@ pub fn fork_child_watchdog() {
     println!("child exit: {code:?}");
     parent.exit_if_tripped();
 }
+
+/// One thread whose frees and allocations differ in size mix, then parks:
+/// `hide` allocates 8 Mi blocks of 8 bytes (with their pointers, 128 MiB),
+/// then frees 172 of them for each block of 4112 bytes it allocates, until
+/// the small ones are gone or the latch trips (a heap of about 314 MiB over
+/// jemalloc, 268 MiB of requests, at the end); `inflate` allocates 80,000
+/// blocks of 4112 bytes, then frees each one while allocating 172 of 8
+/// bytes (about 220 MiB left of 390 MiB, pointers included), and the main
+/// thread then adds 150 MiB. A trip's hook notes the reading that tripped
+/// and, once the thread has stopped, jemalloc's own count of the heap.
+/// Exits through the watchdog: 2 if it tripped, 0 if not.
+pub fn size_mix(mode: &str) {
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+    static STOPPED: AtomicBool = AtomicBool::new(false);
+
+    init_logging();
+    let watchdog = memwatch::Watchdog::from_env()
+        .on_shutdown("mark", || {
+            let start = std::time::Instant::now();
+            while !STOPPED.load(SeqCst) && start.elapsed() < Duration::from_secs(5) {
+                thread::sleep(Duration::from_millis(1));
+            }
+            let heap = memwatch::jemalloc_stats().map_or(0, |s| s.allocated);
+            trace(&format!(
+                "tripped at {} bytes",
+                memwatch::snapshot().tripped_at_bytes.unwrap_or(0)
+            ));
+            trace(&format!("heap when stopped {heap} bytes"));
+        })
+        .start();
+    let inflate = mode == "inflate";
+    let mode = mode.to_owned();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    thread::Builder::new()
+        .name("mixer".into())
+        .spawn(move || {
+            let mut keep: Vec<Box<[u8]>> = Vec::new();
+            let mut small: Vec<Box<[u8; 8]>> = Vec::new();
+            match mode.as_str() {
+                "hide" => {
+                    small = (0..8usize << 20)
+                        .map(|i| std::hint::black_box(Box::new([i as u8; 8])))
+                        .collect();
+                    keep.reserve(small.len() / 172 + 1);
+                    while small.len() >= 172 && !memwatch::tripped() {
+                        small.truncate(small.len() - 172);
+                        keep.push(std::hint::black_box(vec![1u8; 4112].into_boxed_slice()));
+                    }
+                }
+                "inflate" => {
+                    let mut large: Vec<Box<[u8]>> = (0..80_000)
+                        .map(|_| std::hint::black_box(vec![1u8; 4112].into_boxed_slice()))
+                        .collect();
+                    small.reserve(80_000 * 172);
+                    while let Some(b) = large.pop() {
+                        drop(b);
+                        small.extend((0..172).map(|i| std::hint::black_box(Box::new([i as u8; 8]))));
+                    }
+                }
+                _ => panic!("usage: size_mix hide|inflate"),
+            }
+            STOPPED.store(true, SeqCst);
+            done_tx.send(()).unwrap();
+            loop {
+                thread::park();
+                std::hint::black_box((&keep, &small));
+            }
+        })
+        .expect("spawn the mixer");
+    done_rx.recv().unwrap();
+    let extra = if inflate { touched(150) } else { Vec::new() };
+    // Give a trip that came with the last block time to act.
+    thread::sleep(Duration::from_millis(500));
+    let heap = memwatch::jemalloc_stats().map_or(0, |s| s.allocated);
+    println!("live bytes: {}", memwatch::live_bytes());
+    println!("jemalloc allocated: {heap}");
+    println!("tripped: {}", memwatch::tripped());
+    std::hint::black_box(&extra);
+    watchdog.exit_if_tripped();
+}

@@ -82,3 +82,66 @@ fn the_overshoot_at_the_trip_stays_within_the_budget() {
     }
     println!("{}", table.join("\n"));
 }
+
+/// The figure after `prefix` and before " bytes" in the trace line that
+/// starts with it.
+fn traced_bytes(r: &common::Run, prefix: &str) -> i64 {
+    r.trace
+        .iter()
+        .find_map(|l| l.strip_prefix(prefix)?.strip_suffix(" bytes")?.parse().ok())
+        .unwrap_or_else(|| panic!("no {prefix:?} line: {r:#?}"))
+}
+
+/// One thread frees 172 blocks of 8 bytes for each block of 4112 bytes it
+/// allocates: its allocations and frees differ in size mix, and the heap
+/// grows by 3744 bytes a round while the requests' sizes plus 16 balance
+/// exactly. It stops as soon as the latch trips. The trip comes at 256 MiB,
+/// and over jemalloc the heap when it stopped (jemalloc's own count) is
+/// within the budget and 64 KiB a thread past the threshold.
+fn assert_small_frees_for_large_allocations_trip(bin: &str, jemalloc: bool) {
+    let r = run_with_args(bin, &["hide"], &[(THRESHOLD, "256")], LIMIT);
+    assert_eq!(r.code(), Some(2), "{r:#?}");
+    assert_eq!(r.stderr_lines("memory threshold crossed").len(), 1, "{r:#?}");
+    let at = traced_bytes(&r, "tripped at ");
+    assert!(at > 256 * MIB, "{r:#?}");
+    if jemalloc {
+        let heap = traced_bytes(&r, "heap when stopped ");
+        // main, the mixer and memwatch's own threads.
+        let bound = 256 * MIB + 16 * MIB + 8 * (64 << 10);
+        assert!(
+            heap <= bound,
+            "the heap was {heap} bytes when the thread stopped, past {bound}: {r:#?}"
+        );
+    }
+}
+
+#[test]
+fn a_thread_freeing_small_blocks_for_large_ones_trips_on_time() {
+    assert_small_frees_for_large_allocations_trip("size_mix", true);
+}
+
+#[test]
+fn a_thread_freeing_small_blocks_for_large_ones_trips_on_time_over_system() {
+    assert_small_frees_for_large_allocations_trip("system_size_mix", false);
+}
+
+/// The reverse mix: one thread frees 80,000 blocks of 4112 bytes while it
+/// allocates 172 of 8 bytes for each, and then the main thread adds
+/// 150 MiB. The heap ends near 380 MB, well below 512 MiB: no trip, exit 0.
+fn assert_large_frees_for_small_allocations_do_not_trip(bin: &str) {
+    let r = run_with_args(bin, &["inflate"], &[(THRESHOLD, "512")], LIMIT);
+    assert_eq!(r.code(), Some(0), "{r:#?}");
+    assert_eq!(r.fact("tripped"), Some("false"), "{r:#?}");
+    let live: i64 = r.fact("live bytes").unwrap().parse().unwrap();
+    assert!(live > 300 * MIB && live < 450 * MIB, "{r:#?}");
+}
+
+#[test]
+fn a_thread_freeing_large_blocks_for_small_ones_does_not_trip() {
+    assert_large_frees_for_small_allocations_do_not_trip("size_mix");
+}
+
+#[test]
+fn a_thread_freeing_large_blocks_for_small_ones_does_not_trip_over_system() {
+    assert_large_frees_for_small_allocations_do_not_trip("system_size_mix");
+}

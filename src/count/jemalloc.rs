@@ -416,6 +416,22 @@ fn note_slack(slack: usize) {
     }
 }
 
+/// The most that `threads` live threads other than the caller can hold
+/// unpublished in all, either way: each less than 1.25 times its interval
+/// plus 16 bytes, each interval at most the slack and at most the floor
+/// plus the thread's allowance, and the allowances within the pool
+/// together.
+pub(crate) fn unpublished_in_all(threads: usize) -> usize {
+    // Relaxed: see `SLACK`.
+    let slack = SLACK.load(Relaxed);
+    let intervals = threads
+        .saturating_mul(slack)
+        .min(threads.saturating_mul(FLOOR).saturating_add(super::pool()));
+    intervals
+        .saturating_add(intervals / 4)
+        .saturating_add(threads.saturating_mul(16))
+}
+
 /// Publishes the calling thread's count, so that a reading it takes is
 /// exact for its own calls.
 pub(crate) fn publish_own() {

@@ -275,6 +275,18 @@ mod process {
         reading().0
     }
 
+    /// The most a reading taken now can miss, either way, of what the live
+    /// threads other than the caller did: over jemalloc, what they may
+    /// hold unpublished (see `jemalloc::unpublished_in_all`); over
+    /// memwatch's own count, nothing once they are quiescent.
+    pub(crate) fn reading_error() -> usize {
+        #[cfg(memwatch_jemalloc_counts)]
+        if crate::stats::wraps_jemalloc() {
+            return super::jemalloc::unpublished_in_all(threads().saturating_sub(1));
+        }
+        0
+    }
+
     /// The folded total alone, what the threshold check compares.
     #[cfg(test)]
     pub(crate) fn folded_bytes() -> isize {

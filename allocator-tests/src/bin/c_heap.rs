@@ -56,6 +56,10 @@ fn exact() {
         facts.push(("worker all moved", live() - base));
         memwatch_test_worker_free();
         facts.push(("worker freed moved", live() - base));
+        facts.push((
+            "reading error",
+            memwatch::snapshot().reading_error_bytes as i64,
+        ));
         memwatch_test_worker_stop();
         facts.push(("worker ended moved", live() - base));
 
