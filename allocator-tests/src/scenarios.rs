@@ -898,7 +898,8 @@ pub fn size_mix(mode: &str) {
                     small.reserve(80_000 * 172);
                     while let Some(b) = large.pop() {
                         drop(b);
-                        small.extend((0..172).map(|i| std::hint::black_box(Box::new([i as u8; 8]))));
+                        small
+                            .extend((0..172).map(|i| std::hint::black_box(Box::new([i as u8; 8]))));
                     }
                 }
                 _ => panic!("usage: size_mix hide|inflate"),

@@ -101,7 +101,11 @@ fn traced_bytes(r: &common::Run, prefix: &str) -> i64 {
 fn assert_small_frees_for_large_allocations_trip(bin: &str, jemalloc: bool) {
     let r = run_with_args(bin, &["hide"], &[(THRESHOLD, "256")], LIMIT);
     assert_eq!(r.code(), Some(2), "{r:#?}");
-    assert_eq!(r.stderr_lines("memory threshold crossed").len(), 1, "{r:#?}");
+    assert_eq!(
+        r.stderr_lines("memory threshold crossed").len(),
+        1,
+        "{r:#?}"
+    );
     let at = traced_bytes(&r, "tripped at ");
     assert!(at > 256 * MIB, "{r:#?}");
     if jemalloc {

@@ -168,8 +168,8 @@ mod process {
         }
     }
 
-    /// The allowances held now (for a test, and the fork clean-up).
-    #[cfg_attr(not(test), allow(dead_code))]
+    /// The allowances held now.
+    #[cfg(all(test, memwatch_jemalloc_counts))]
     pub(crate) fn held() -> usize {
         HELD.load(Relaxed)
     }

@@ -2,9 +2,9 @@
 //! per-thread counters, in usable sizes. The drivers are shared with the
 //! tests of memwatch's own count, in `mod.rs`.
 
+use super::random;
 use super::*;
 use crate::count::jemalloc::{self, interval, unpublished_bound, FLOOR};
-use super::random;
 use crate::Jemalloc;
 
 static JE: MemWatch<Jemalloc> = MemWatch::new(Jemalloc);
@@ -132,7 +132,10 @@ fn loops_of_alloc_free_pairs_look_once_per_interval() {
             // SAFETY: `nallocx` computes a size class; it allocates nothing.
             let usable = unsafe { tikv_jemalloc_sys::nallocx(size, 0) };
             let most = 2 * (pairs * usable / step + 1);
-            assert!(looks <= most, "{size} B pairs looked {looks} times, more than {most}");
+            assert!(
+                looks <= most,
+                "{size} B pairs looked {looks} times, more than {most}"
+            );
             if size <= 256 {
                 assert!(looks * 100 < pairs, "{size} B pairs looked {looks} times");
             }

@@ -60,7 +60,9 @@ fn size(rng: &mut Rng) -> usize {
             } else {
                 rng.range(4, 7) << (lg - 2)
             };
-            (class + rng.range(0, 2)).saturating_sub(1).clamp(1, 1 << 20)
+            (class + rng.range(0, 2))
+                .saturating_sub(1)
+                .clamp(1, 1 << 20)
         }
         75..=84 => rng.range(4097, 64 << 10),
         85..=89 => rng.range(64 << 10, 1 << 20),
