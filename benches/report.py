@@ -178,6 +178,54 @@ def paired():
     return "\n".join(lines), "%d builds at different code shifts (memwatch-jemalloc, and the check-only controls on 1 and 2 threads: %d)" % (full, len(layouts))
 
 
+def bar():
+    """The speed bar, cell by cell: memwatch's ratio over bare jemalloc at
+    most 0.01 above the static-check control's in the same run (both the
+    geometric mean over the same builds); 16 B pairs at most bare + 12
+    instructions; whole programs within 1.02x."""
+    files = sorted(glob.glob(os.path.join(CRIT, "memwatch-paired-*.json")))
+    if not files:
+        return "(paired bench not run)"
+    layouts = [json.load(open(f)) for f in files]
+
+    def gm(g, who):
+        meds = [l[g][who]["median"] for l in layouts if g in l and who in l[g]]
+        return math.exp(sum(math.log(m) for m in meds) / len(meds)) if meds else None
+
+    lines = ["| workload | memwatch-jemalloc | static check only | difference | at most +0.010 |",
+             "|---|---|---|---|---|"]
+    met = total = 0
+    groups = {g for l in layouts for g in l}
+    for g in sorted(groups, key=group_key):
+        m, c = gm(g, "memwatch-jemalloc"), gm(g, "static-check")
+        if m is None:
+            continue
+        if c is None:
+            lines.append("| %s | %.3fx | - | - | no control at this thread count |" % (g, m))
+            continue
+        total += 1
+        ok = m - c <= 0.010
+        met += ok
+        lines.append("| %s | %.3fx | %.3fx | %+.3f | %s |" % (g, m, c, m - c, "met" if ok else "**missed**"))
+    lines.append("")
+    lines.append("Met in %d of %d cells with a control." % (met, total))
+    ipath = os.path.join(CRIT, "memwatch-instructions.json")
+    if os.path.exists(ipath):
+        counts = json.load(open(ipath))
+        j, m = counts.get("jemalloc"), counts.get("memwatch-jemalloc")
+        if j and m:
+            lines.append("Instructions per 16 B pair: %.1f against bare jemalloc's %.1f, +%.1f (at most +12: %s)."
+                         % (m, j, m - j, "met" if m - j <= 12 else "**missed**"))
+    for file, name in [("memwatch-kv-paired.json", "key-value churn"), ("memwatch-tokio-paired.json", "tokio server under wrk")]:
+        path = os.path.join(CRIT, file)
+        if os.path.exists(path):
+            r = json.load(open(path)).get("memwatch-jemalloc")
+            if r:
+                lines.append("Whole program, %s: %.3fx (at most 1.02x: %s)."
+                             % (name, r["ratio"], "met" if r["ratio"] <= 1.02 else "**missed**"))
+    return "\n".join(lines)
+
+
 def phases():
     """memwatch and the thread-local check by the code shift mod 64: where
     the fast path falls in the 64-byte fetch windows."""
@@ -308,6 +356,10 @@ def main():
 
 Machine: %s.
 
+### The speed bar (memwatch against the static-check control, cell by cell, from the paired table below)
+
+%s
+
 ### Allocation overhead, paired (geometric mean over %s of each build's median per-round ratio to bare jemalloc; the lowest and highest build's median in brackets)
 
 %s
@@ -342,7 +394,7 @@ median %s ms, worst %s ms.
 
 memwatch live bytes %s; jemalloc `stats.allocated` %s (gap %s); process RSS %s (gap %s).
 
-### Overshoot at the trip (`benches/overshoot.py`: threads allocating in steps until the trip, 256 MiB threshold; the bound is the 16 MiB error budget plus 64 KiB and one step per thread)
+### Overshoot at the trip (`benches/overshoot.py`: threads allocating in steps until the trip, 256 MiB threshold; the bound is the 16 MiB error budget plus 64 KiB and one step per thread, docs/design.md "The error bound")
 
 %s
 
@@ -354,7 +406,7 @@ memwatch live bytes %s; jemalloc `stats.allocated` %s (gap %s); process RSS %s (
 
 %s
 """ % (
-        machine(), ptable_layouts, ptable, t, phases(), instructions(), kv_table(), tokio_table(), trip.get("runs", "-"), trip.get("median_ms", "-"),
+        machine(), bar(), ptable_layouts, ptable, t, phases(), instructions(), kv_table(), tokio_table(), trip.get("runs", "-"), trip.get("median_ms", "-"),
         trip.get("worst_ms", "-"), acc.get("live", "-"), acc.get("jemalloc_allocated", "-"),
         acc.get("gap_allocated", "-"), acc.get("rss", "-"), acc.get("gap_rss", "-"), overshoot(),
         c_heap(), kernel_trigger())

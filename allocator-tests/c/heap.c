@@ -114,3 +114,28 @@ void memwatch_test_c_grow_forever(void) {
     if (pthread_create(&t, NULL, grow, NULL) != 0) abort();
     pthread_detach(t);
 }
+
+void *__libc_valloc(size_t size);
+void *__libc_pvalloc(size_t size);
+
+/* memalign as glibc takes it (an alignment below 16, 0 included, is 16;
+ * one that is not a power of two is rounded up), and glibc's __libc_valloc
+ * and __libc_pvalloc: returns a bit for each case that failed (null, or
+ * not aligned), 0 if all hold. Every block is freed with free(). */
+int memwatch_test_c_aligned_cases(void) {
+    const size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    struct { void *p; size_t align; } cases[] = {
+        {memalign(0, 100), 16},
+        {memalign(24, 100), 32},
+        {memalign(48, 5000), 64},
+        {memalign(4096, 10), 4096},
+        {__libc_valloc(100), page},
+        {__libc_pvalloc(100), page},
+    };
+    int failed = 0;
+    for (int i = 0; i < (int)(sizeof cases / sizeof cases[0]); i++) {
+        if (!cases[i].p || ((size_t)cases[i].p % cases[i].align) != 0) failed |= 1 << i;
+        free(cases[i].p);
+    }
+    return failed;
+}

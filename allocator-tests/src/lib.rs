@@ -14,6 +14,7 @@ use std::io::Write;
 use std::time::Duration;
 
 pub mod audit;
+pub mod c_heap;
 pub mod cgroup;
 pub mod outside_heap;
 pub mod scenarios;

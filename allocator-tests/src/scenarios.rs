@@ -18,10 +18,18 @@ fn grow_then_exit(watchdog: &memwatch::WatchdogHandle) {
 }
 
 /// Grows the heap past the threshold from the environment; two hooks leave a
-/// trace in order. Exits 2 through the watchdog; exit 0 means it never fired.
+/// trace in order. Exits 2 through the watchdog (or `SCENARIO_EXIT_CODE`,
+/// given to `Watchdog::exit_code`); exit 0 means it never fired.
 pub fn crosses_threshold() {
     init_logging();
-    let watchdog = memwatch::Watchdog::from_env()
+    let mut watchdog = memwatch::Watchdog::from_env();
+    if let Some(code) = std::env::var("SCENARIO_EXIT_CODE")
+        .ok()
+        .and_then(|c| c.parse().ok())
+    {
+        watchdog = watchdog.exit_code(code);
+    }
+    let watchdog = watchdog
         .on_shutdown("first", || trace("first"))
         .on_shutdown("second", || trace("second"))
         .start();
@@ -922,4 +930,31 @@ pub fn size_mix(mode: &str) {
     println!("tripped: {}", memwatch::tripped());
     std::hint::black_box(&extra);
     watchdog.exit_if_tripped();
+}
+
+/// `BUSY` threads (128 unless set) churn alloc/free pairs of 64 KiB without
+/// growing the heap, every core busy, while the main thread grows it 1 MiB
+/// at a time until the trip; a hook leaves a trace. Exits 2 through the
+/// watchdog.
+pub fn busy_trip() {
+    init_logging();
+    let watchdog = memwatch::Watchdog::from_env()
+        .on_shutdown("mark", || trace("hook ran"))
+        .start();
+    let busy: usize = std::env::var("BUSY")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(128);
+    for _ in 0..busy {
+        thread::Builder::new()
+            .stack_size(64 << 10)
+            .spawn(|| loop {
+                drop(std::hint::black_box(vec![0u8; 64 << 10]));
+            })
+            .expect("spawn a busy thread");
+    }
+    thread::sleep(Duration::from_millis(50));
+    let held = grow_until_tripped(1024, Duration::ZERO);
+    watchdog.exit_if_tripped();
+    println!("finished without a trip, holding {} MiB", held.len());
 }

@@ -296,3 +296,107 @@ fn idle_threads_exit_2_where_the_kernel_oom_kills() {
         "256",
     );
 }
+
+/// Two threads that spin for as long as the guard lives: a loaded machine,
+/// every core busy, for runs whose watchdog must still get a core.
+struct CpuHog {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl CpuHog {
+    fn start() -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let threads = (0..2)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let mut x = 0u64;
+                    while !stop.load(Relaxed) {
+                        x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+                    }
+                })
+            })
+            .collect();
+        CpuHog { stop, threads }
+    }
+}
+
+impl Drop for CpuHog {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// `runs` runs of `bin args` in a fresh cgroup of `limit` bytes with the
+/// threshold at `threshold_mib`, a logger installed and both cores kept
+/// busy: every one exits 2 with `oom_kill 0` and the trip line. Prints the
+/// cgroup's peak of each.
+fn held_runs(name: &str, limit: u64, bin: &str, args: &[&str], threshold_mib: &str, runs: usize) {
+    let _hog = CpuHog::start();
+    let mut peaks = Vec::new();
+    for run in 0..runs {
+        let Some(cg) = cgroup_or_skip(&format!("{name}-{run}"), limit) else {
+            return;
+        };
+        let mut cmd = cg.command(&bin_path(bin), args);
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("ELASTICKV_MEMORY_") {
+                cmd.env_remove(k);
+            }
+        }
+        let out = cmd
+            .env(THRESHOLD, threshold_mib)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output()
+            .expect("spawn the scenario");
+        let kills = cg.oom_kills();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "run {run}: {:?}: {stderr}", out.status);
+        assert_eq!(kills, Some(0), "run {run}: oom_kill {kills:?}: {stderr}");
+        assert!(
+            stderr.contains("[memwatch ERROR] memory threshold crossed"),
+            "run {run}: no trip line: {stderr}"
+        );
+        peaks.push(cg.peak().unwrap_or(0) >> 20);
+    }
+    println!("{name}: {runs} of {runs} exit 2 with oom_kill 0; cgroup peak MiB {peaks:?}");
+}
+
+/// 100 MiB on the main thread and 128 threads allocating about 4 MiB each
+/// in 64 KiB steps, against 256 MiB, in a real 400 MiB cgroup, with both
+/// cores busy: threads that would take the heap past the hold ceiling
+/// (halfway to the limit, 328 MiB) wait at their next allocation, so the
+/// growth after the trip cannot outrun the exit into the OOM-killer.
+#[test]
+fn growth_after_the_trip_is_held_in_a_real_cgroup_20_of_20() {
+    held_runs(
+        "held-128",
+        400 << 20,
+        "idle_threads",
+        &["100", "128", "4085"],
+        "256",
+        20,
+    );
+}
+
+/// 1,000 threads each allocating 3.5 MiB against 64 MiB, in a real
+/// 256 MiB cgroup, with both cores busy.
+#[test]
+fn a_thousand_threads_are_held_in_a_256_mib_cgroup_10_of_10() {
+    held_runs(
+        "held-1000",
+        256 << 20,
+        "idle_threads",
+        &["0", "1000", "3584"],
+        "64",
+        10,
+    );
+}

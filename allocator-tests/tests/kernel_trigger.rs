@@ -233,6 +233,101 @@ fn a_resize_of_the_cgroup_moves_the_trigger_level() {
     println!("exit 2 {took:?} after the resize");
 }
 
+/// The same resize while a page-cache writer in the same cgroup keeps the
+/// kernel reclaiming, so that pressure events wake the trigger again and
+/// again, more often than its 100 ms recheck period: the limit is re-read on
+/// a clock of its own, so the lowered limit still trips it at once (a
+/// recheck that waited for a quiet period never came).
+#[test]
+fn the_trigger_follows_a_lowered_limit_while_pressure_events_keep_coming() {
+    use std::time::{Duration, Instant};
+
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let cg = match Cgroup::create(
+        &format!("memwatch-test-trigger-busy-resize-{}", std::process::id()),
+        512 << 20,
+    ) {
+        Ok(cg) => cg,
+        Err(why) => return skip_or_fail(&why),
+    };
+    if cg.version != 1 {
+        // cgroup v2 signals memory.events and PSI, neither of which the
+        // page cache moves every few milliseconds here.
+        println!("SKIPPED: pressure events on every reclaim are cgroup v1's");
+        return;
+    }
+    let clean = |cmd: &mut std::process::Command| {
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("ELASTICKV_MEMORY_") {
+                cmd.env_remove(name);
+            }
+        }
+    };
+    let mut cmd = cg.command(&bin_path("mmap_grows"), &[]);
+    clean(&mut cmd);
+    let mut child = cmd
+        .env(THRESHOLD, "4096")
+        .env(RATIO, "0.7")
+        .env("ELASTICKV_MEMORY_LIMIT_RECHECK", "100ms")
+        .env("RUST_LOG", "info,memwatch::kernel_trigger=debug")
+        .env("GROW_UNTIL_MIB", "200")
+        .env("SCENARIO_CGROUP", cg.dir())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn mmap_grows");
+    let lines = common::lines_of(&mut child);
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !seen.iter().any(|l: &String| l.starts_with("held MiB")) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) => seen.push(line),
+            Err(_) => panic!("never held 200 MiB:\n{}", seen.join("\n")),
+        }
+    }
+    // The writer fills the rest of the cgroup with page cache and keeps
+    // the kernel reclaiming for as long as it runs.
+    let dir = scratch("busy-resize");
+    let file = dir.join("stream");
+    let mut writer = cg.command(&bin_path("page_cache_writer"), &[file.to_str().unwrap(), "100000"]);
+    clean(&mut writer);
+    let mut writer = writer
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn the writer");
+    // A second of pressure: count the trigger's wake-ups in it.
+    let until = Instant::now() + Duration::from_secs(1);
+    let mut wakes = 0;
+    while let Some(left) = until.checked_duration_since(Instant::now()) {
+        if let Ok(line) = lines.recv_timeout(left) {
+            wakes += line.contains("kernel trigger woken by memory pressure events") as usize;
+            seen.push(line);
+        }
+    }
+    cg.write("memory.limit_in_bytes", &(256u64 << 20).to_string())
+        .unwrap();
+    let resized = Instant::now();
+    let status = child.wait().unwrap();
+    let took = resized.elapsed();
+    let _ = writer.kill();
+    let _ = writer.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    seen.extend(lines.iter());
+    let log = seen.join("\n");
+    assert!(
+        wakes >= 20,
+        "only {wakes} pressure wake-ups in a second: the test needs them steady: {log}"
+    );
+    assert_eq!(status.code(), Some(2), "{log}");
+    assert!(log.contains("woken by a resize of the limit"), "{log}");
+    assert!(took < Duration::from_secs(3), "{took:?}: {log}");
+    println!("{wakes} pressure wake-ups in the second before the resize; exit 2 {took:?} after it");
+}
+
 /// A writer streams 512 MiB through the page cache of a 256 MiB cgroup with
 /// the trigger at 50%: the cache fills the cgroup to its limit, the kernel
 /// signals pressure, the trigger looks and does not trip, 10 of 10 runs.

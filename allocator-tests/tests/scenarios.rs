@@ -12,8 +12,14 @@ const LIMIT: Duration = Duration::from_secs(60);
 fn assert_crossing(bin: &str, jemalloc: bool) {
     let r = run(bin, &[(THRESHOLD, "64")], LIMIT);
     assert_eq!(r.code(), Some(2), "{r:#?}");
-    let errors = r.stderr_lines("memory threshold crossed");
+    // Written straight to standard error once, and through the logger once.
+    let errors = r.stderr_lines("[memwatch ERROR] memory threshold crossed");
     assert_eq!(errors.len(), 1, "one error line: {r:#?}");
+    assert_eq!(
+        r.stderr_lines("memory threshold crossed").len(),
+        2,
+        "the same line through the logger: {r:#?}"
+    );
     let line = errors[0];
     assert!(line.contains("ERROR"), "{line}");
     assert!(line.contains("threshold 67108864 bytes (64 MiB)"), "{line}");
@@ -159,7 +165,7 @@ fn assert_fires_once(bin: &str) {
     assert_eq!(r.code(), Some(2), "{r:#?}");
     assert_eq!(r.trace, ["hook run 1"], "the hook ran exactly once: {r:#?}");
     assert_eq!(
-        r.stderr_lines("memory threshold crossed").len(),
+        r.stderr_lines("[memwatch ERROR] memory threshold crossed").len(),
         1,
         "{r:#?}"
     );
@@ -194,7 +200,7 @@ fn hooks_that_allocate_heavily_do_not_deadlock() {
         "{r:#?}"
     );
     assert_eq!(
-        r.stderr_lines("memory threshold crossed").len(),
+        r.stderr_lines("[memwatch ERROR] memory threshold crossed").len(),
         1,
         "{r:#?}"
     );
@@ -499,7 +505,7 @@ fn a_grace_of_0s_skips_the_hooks_and_exits_2() {
         );
         assert_eq!(r.code(), Some(2), "{r:#?}");
         assert!(r.trace.is_empty(), "no hook ran: {r:#?}");
-        let line = r.stderr_lines("memory threshold crossed");
+        let line = r.stderr_lines("[memwatch ERROR] memory threshold crossed");
         assert_eq!(line.len(), 1, "{r:#?}");
         assert!(
             line[0].contains("a grace of 0s skips the shutdown hooks"),
@@ -599,4 +605,95 @@ fn a_forked_child_starts_a_watchdog_of_its_own() {
     assert_eq!(r.code(), Some(0), "{r:#?}");
     assert_eq!(r.fact("child exit"), Some("Some(2)"), "{r:#?}");
     assert_eq!(r.trace, ["child hook ran"], "{r:#?}");
+}
+
+/// `Watchdog::exit_code` takes a code a supervisor can tell from a normal
+/// stop; 256 (which the kernel would turn into 0) and 0 are refused with a
+/// warning naming the code, and the shutdown exits 2.
+#[test]
+fn an_exit_code_outside_1_to_255_is_refused_with_a_warning() {
+    let r = run(
+        "crosses_threshold",
+        &[(THRESHOLD, "64"), ("SCENARIO_EXIT_CODE", "7")],
+        LIMIT,
+    );
+    assert_eq!(r.code(), Some(7), "{r:#?}");
+    for bad in ["256", "0", "-1"] {
+        let r = run(
+            "crosses_threshold",
+            &[(THRESHOLD, "64"), ("SCENARIO_EXIT_CODE", bad)],
+            LIMIT,
+        );
+        assert_eq!(r.code(), Some(2), "exit code {bad}: {r:#?}");
+        let warned = r.stderr_lines(&format!("exit code {bad} is outside 1..=255"));
+        assert_eq!(warned.len(), 1, "exit code {bad}: {r:#?}");
+        assert!(warned[0].contains("WARN"), "{r:#?}");
+    }
+}
+
+/// The trip line comes out in every run with 128 threads keeping both
+/// cores busy and a logger installed: it is written to standard error by
+/// the watchdog (or the grace) thread at the trip, before any hook, not left
+/// to a log thread that may not get a core before the exit.
+#[test]
+fn the_trip_line_is_written_with_every_core_busy_in_100_of_100_runs() {
+    let mut missing = Vec::new();
+    for run_no in 0..100 {
+        let r = run("busy_trip", &[(THRESHOLD, "64"), (GRACE, "5s")], LIMIT);
+        assert_eq!(r.code(), Some(2), "run {run_no}: {r:#?}");
+        let raw = r.stderr_lines("[memwatch ERROR] memory threshold crossed");
+        if raw.len() != 1 {
+            missing.push(run_no);
+        }
+        let first = r.stderr.lines().position(|l| l.contains("memory threshold crossed"));
+        let hook = r.stderr.lines().position(|l| l.contains("shutdown hook \"mark\""));
+        if let (Some(first), Some(hook)) = (first, hook) {
+            assert!(first < hook, "run {run_no}: a hook's line came first: {r:#?}");
+        }
+    }
+    assert!(missing.is_empty(), "no trip line in runs {missing:?}");
+}
+
+/// Standard error is a pipe that nobody reads and that is full from before
+/// the shed level is crossed: the shed warning, and every line after it,
+/// would block. The watchdog thread hands its lines to threads of their own,
+/// so the trip still runs the hook, and the grace deadline counts from the
+/// trip: exit 2 within the grace period and a second.
+#[test]
+fn a_full_stderr_pipe_from_before_the_shed_level_holds_up_nothing() {
+    use std::process::{Command, Stdio};
+    use std::time::Instant;
+    let dir = common::scratch("stderr-blocked-shed");
+    let trace = dir.join("trace");
+    let mut child = Command::new(common::bin_path("stderr_blocked"))
+        .env(THRESHOLD, "200")
+        .env("ELASTICKV_MEMORY_SHED_THRESHOLD_MB", "100")
+        .env(GRACE, "1s")
+        .env("SCENARIO_TRACE", &trace)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _unread = child.stderr.take();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            panic!("still running after 20 s with standard error blocked");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let took = started.elapsed();
+    assert_eq!(status.code(), Some(2), "{status:?}");
+    // 0.3 s before the heap grows, its growth to 200 MiB, the 1 s grace,
+    // a second for the rest.
+    assert!(took < Duration::from_millis(2800), "took {took:?}");
+    let hooks = std::fs::read_to_string(&trace).unwrap_or_default();
+    assert_eq!(hooks.trim(), "hook ran", "the hook ran");
+    let _ = std::fs::remove_dir_all(&dir);
 }
