@@ -2,8 +2,9 @@
 //! `target/criterion/memwatch-extra.json` for `benches/report.py`:
 //!
 //! - the trip: from just before the allocation that crosses the threshold to
-//!   the moment the parent sees the child's exit, over 25 child processes
-//!   (no hooks; the error line goes to /dev/null);
+//!   the moment the parent sees the child's exit, over 100 child processes
+//!   (no hooks; the error line goes to /dev/null), with 0, 16 and 128 other
+//!   threads of the child churning the heap on every core meanwhile;
 //! - the reading against the truth: after the key-value churn, memwatch's
 //!   live bytes against jemalloc's `stats.allocated` and the process RSS.
 //!
@@ -19,6 +20,8 @@ use std::process::{Command, Stdio};
 static GLOBAL: memwatch::MemWatch = memwatch::MemWatch::new(memwatch::Jemalloc);
 
 const CHILD: &str = "MEMWATCH_TRIP_CHILD";
+/// How many busy threads the child starts before it trips.
+const BUSY: &str = "MEMWATCH_TRIP_BUSY";
 
 fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
@@ -37,6 +40,21 @@ fn monotonic_ns() -> u64 {
 fn child() -> ! {
     let _w = memwatch::Watchdog::new().threshold_mb(64).start();
     let held: Vec<Vec<u8>> = (0..60).map(|_| vec![1u8; 1 << 20]).collect();
+    let busy: usize = std::env::var(BUSY)
+        .ok()
+        .and_then(|b| b.parse().ok())
+        .unwrap_or(0);
+    for _ in 0..busy {
+        std::thread::Builder::new()
+            .stack_size(64 << 10)
+            .spawn(|| loop {
+                drop(std::hint::black_box(vec![0u8; 64 << 10]));
+            })
+            .expect("spawn a busy thread");
+    }
+    if busy > 0 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     println!("t0 {}", monotonic_ns());
     // 8 MiB, above the slack: folded at once, and it crosses.
     let crossing = std::hint::black_box(vec![1u8; 8 << 20]);
@@ -46,10 +64,11 @@ fn child() -> ! {
     }
 }
 
-/// One trip, in milliseconds.
-fn trip_once() -> f64 {
+/// One trip, in milliseconds, with `busy` threads churning in the child.
+fn trip_once(busy: usize) -> f64 {
     let mut child = Command::new(std::env::current_exe().unwrap())
         .env(CHILD, "1")
+        .env(BUSY, busy.to_string())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -82,17 +101,32 @@ fn main() {
         child();
     }
     if std::env::args().any(|a| a == "--test") {
-        println!("trip: {:.2} ms (test mode, one run)", trip_once());
+        println!("trip: {:.2} ms (test mode, one run)", trip_once(16));
         return;
     }
-    let mut trips: Vec<f64> = (0..25).map(|_| trip_once()).collect();
-    trips.sort_by(f64::total_cmp);
-    let median = trips[trips.len() / 2];
-    let worst = trips[trips.len() - 1];
-    println!(
-        "trip to exit over {} runs: median {median:.2} ms, worst {worst:.2} ms",
-        trips.len()
-    );
+    let mut loads = Vec::new();
+    let (mut median, mut worst, mut runs) = (0.0, 0.0, 0);
+    for busy in [0, 16, 128] {
+        let mut trips: Vec<f64> = (0..100).map(|_| trip_once(busy)).collect();
+        trips.sort_by(f64::total_cmp);
+        let (m, p99, max) = (
+            trips[trips.len() / 2],
+            trips[trips.len() * 99 / 100 - 1],
+            trips[trips.len() - 1],
+        );
+        println!(
+            "trip to exit with {busy} busy threads over {} runs: median {m:.2} ms, \
+             p99 {p99:.2} ms, max {max:.2} ms",
+            trips.len()
+        );
+        if busy == 0 {
+            (median, worst, runs) = (m, max, trips.len());
+        }
+        loads.push(format!(
+            "{{\"busy\": {busy}, \"runs\": {}, \"median_ms\": {m:.2}, \"p99_ms\": {p99:.2}, \"max_ms\": {max:.2}}}",
+            trips.len()
+        ));
+    }
 
     let map = kv::churn(200_000, 20_000, 42);
     let live = memwatch::live_bytes();
@@ -113,10 +147,11 @@ fn main() {
     drop(map);
 
     let json = format!(
-        "{{\"trip\": {{\"runs\": {}, \"median_ms\": \"{median:.2}\", \"worst_ms\": \"{worst:.2}\"}}, \
+        "{{\"trip\": {{\"runs\": {runs}, \"median_ms\": \"{median:.2}\", \"worst_ms\": \"{worst:.2}\"}}, \
+         \"trip_load\": [{}], \
          \"accuracy\": {{\"live\": {live}, \"jemalloc_allocated\": {}, \"gap_allocated\": \"{}\", \
          \"rss\": {rss}, \"gap_rss\": \"{}\"}}}}",
-        trips.len(),
+        loads.join(", "),
         je.allocated,
         gap(je.allocated),
         gap(rss)

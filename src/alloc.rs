@@ -4,7 +4,7 @@ use std::alloc::{GlobalAlloc, Layout};
 
 #[cfg(memwatch_jemalloc_counts)]
 use crate::count::jemalloc::{self as je, Cold};
-use crate::count::{own, DEFAULT_SLACK, MAX_SLACK};
+use crate::count::{hold_if_over, own, DEFAULT_SLACK, MAX_SLACK};
 #[cfg(feature = "jemalloc")]
 use crate::stats;
 
@@ -24,14 +24,15 @@ pub type DefaultInner = std::alloc::System;
 /// has one global allocator, and the count is the process's.
 ///
 /// Over [`Jemalloc`](crate::Jemalloc) on Linux, the count is jemalloc's own
-/// per-thread counters, in usable sizes: every call moves a thread-local
-/// level by its weight, and once the thread's net has moved by 48 KiB the
-/// wrapper reads the thread's counters, publishes them for readings and
-/// folds them into the shared total (where the threshold is checked) once
-/// more than the thread's share of the error budget is unfolded. Over any
-/// other inner allocator, memwatch counts requested sizes itself, in
-/// per-thread batches of that share. Either way every thread is counted from its first
-/// call, whatever started it.
+/// per-thread counters, in usable sizes: a call stays on the fast path while
+/// a thread-local credit covers its weight (its size plus 16), and a call
+/// it does not cover looks at the counters after jemalloc returns,
+/// publishes them for readings, folds them into the shared total (where the
+/// threshold is checked) once more than the thread's allowance is unfolded,
+/// and sets the credit to the thread's interval again. Over any other inner allocator, memwatch
+/// counts requested sizes itself, in per-thread batches of that allowance.
+/// Either way every thread is counted from its first call, whatever started
+/// it.
 ///
 /// ```
 /// use memwatch::MemWatch;
@@ -56,14 +57,15 @@ impl<A> MemWatch<A> {
 
     /// Sets the per-thread slack in bytes: the most a thread's unfolded
     /// delta may grow before it is folded into the shared total that the
-    /// threshold check reads. A thread's share of the process's error budget
-    /// (see [`MIN_BUDGET`](crate::MIN_BUDGET)) is smaller once there are
-    /// more than two threads; the slack caps it. `0` folds every call:
+    /// threshold check reads. A thread's allowance from the process's error
+    /// budget (see [`MIN_BUDGET`](crate::MIN_BUDGET)) is its share of a pool
+    /// that all threads draw from; the slack caps it. `0` folds every call:
     /// exact, and as slow as one shared atomic.
     ///
-    /// Over jemalloc, the counters are jemalloc's, looked at once the
-    /// thread's net has moved by 48 KiB (by `slack` bytes, for a smaller
-    /// slack) and folded once more than the thread's share is unfolded.
+    /// Over jemalloc, the counters are jemalloc's, looked at once one has
+    /// moved by the thread's interval (48 KiB plus its allowance, and never
+    /// more than `slack`), and folded once more than the allowance is
+    /// unfolded.
     ///
     /// # Panics
     ///
@@ -219,6 +221,7 @@ impl<A: GlobalAlloc + 'static> MemWatch<A> {
     #[cold]
     #[inline(never)]
     unsafe fn alloc_cold(layout: Layout, zeroed: bool, this: &Self) -> *mut u8 {
+        hold_if_over(layout.size());
         // SAFETY: the caller upholds the contract for `layout`.
         let ptr = unsafe { this.inner_alloc(layout, zeroed) };
         if !ptr.is_null() {
@@ -245,6 +248,7 @@ impl<A: GlobalAlloc + 'static> MemWatch<A> {
     #[cold]
     #[inline(never)]
     unsafe fn realloc_cold(ptr: *mut u8, layout: Layout, new_size: usize, this: &Self) -> *mut u8 {
+        hold_if_over(new_size.saturating_sub(layout.size()));
         // SAFETY: the caller upholds `realloc`'s contract.
         let new = unsafe { this.inner.realloc(ptr, layout, new_size) };
         // A null result leaves the old block allocated: nothing changed.
@@ -259,8 +263,8 @@ impl<A: GlobalAlloc + 'static> MemWatch<A> {
     }
 }
 
-// Over jemalloc, off the fast path: the call would take one of the
-// thread's counters to its mark (or is aligned, or the thread has no slot
+// Over jemalloc, off the fast path: the call's credit does not cover it
+// (or it is aligned, or the thread has no slot
 // yet). `je::cold` joins the thread if it never tried; the call then looks
 // at the counters right after it, so that the reading sees it at once, and
 // a thread without a slot counts the block's usable size itself.
@@ -280,6 +284,7 @@ impl<A: GlobalAlloc + 'static> MemWatch<A> {
     #[inline(never)]
     unsafe fn alloc_looking(layout: Layout, zeroed: bool, this: &Self) -> *mut u8 {
         let cold = je::cold(layout, false, this.slack);
+        hold_if_over(layout.size());
         // SAFETY: the caller upholds the contract for `layout`.
         let ptr = unsafe { this.inner_alloc(layout, zeroed) };
         match cold {
@@ -326,6 +331,7 @@ impl<A: GlobalAlloc + 'static> MemWatch<A> {
         this: &Self,
     ) -> *mut u8 {
         let cold = je::cold_resize(this.slack);
+        hold_if_over(new_size.saturating_sub(layout.size()));
         let old = if cold == Cold::CountItself {
             // SAFETY: the caller guarantees `ptr` is a live block of
             // `inner`, which is jemalloc.

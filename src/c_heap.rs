@@ -17,6 +17,7 @@ use std::ffi::{c_int, c_void};
 
 use tikv_jemalloc_sys as sys;
 
+use crate::count::hold_if_over;
 use crate::count::jemalloc::{c_after, c_ready, count_itself, usable_size};
 
 /// After an allocation that returned `block` (null: refused): the count.
@@ -44,6 +45,7 @@ unsafe fn allocated(counted: bool, block: *mut c_void) {
 #[inline]
 pub unsafe fn malloc(size: usize) -> *mut c_void {
     let counted = c_ready();
+    hold_if_over(size);
     // SAFETY: C's contract, which jemalloc's `malloc` implements.
     let block = unsafe { sys::malloc(size) };
     // SAFETY: null or the block jemalloc returned.
@@ -60,6 +62,7 @@ pub unsafe fn malloc(size: usize) -> *mut c_void {
 #[inline]
 pub unsafe fn calloc(count: usize, size: usize) -> *mut c_void {
     let counted = c_ready();
+    hold_if_over(count.saturating_mul(size));
     // SAFETY: C's contract; jemalloc checks the product for overflow.
     let block = unsafe { sys::calloc(count, size) };
     // SAFETY: null or the block jemalloc returned.
@@ -75,6 +78,15 @@ pub unsafe fn calloc(count: usize, size: usize) -> *mut c_void {
 #[doc(hidden)]
 #[inline]
 pub unsafe fn realloc(block: *mut c_void, size: usize) -> *mut c_void {
+    if crate::stats::tripped() {
+        let old = if block.is_null() {
+            0
+        } else {
+            // SAFETY: a live block (the caller's contract).
+            unsafe { sys::malloc_usable_size(block) }
+        };
+        hold_if_over(size.saturating_sub(old));
+    }
     if c_ready() {
         // SAFETY: the caller's contract.
         let moved = unsafe { sys::realloc(block, size) };
@@ -132,6 +144,7 @@ pub unsafe fn free(block: *mut c_void) {
 #[inline]
 pub unsafe fn posix_memalign(out: *mut *mut c_void, align: usize, size: usize) -> c_int {
     let counted = c_ready();
+    hold_if_over(size);
     // SAFETY: the caller's contract; jemalloc checks the alignment.
     let rc = unsafe { sys::posix_memalign(out, align, size) };
     // SAFETY: on success `*out` is the new block; otherwise nothing was
@@ -149,6 +162,7 @@ pub unsafe fn posix_memalign(out: *mut *mut c_void, align: usize, size: usize) -
 #[inline]
 pub unsafe fn aligned_alloc(align: usize, size: usize) -> *mut c_void {
     let counted = c_ready();
+    hold_if_over(size);
     // SAFETY: the caller's contract; jemalloc checks the alignment.
     let block = unsafe { sys::aligned_alloc(align, size) };
     // SAFETY: null or the block jemalloc returned.
@@ -156,8 +170,10 @@ pub unsafe fn aligned_alloc(align: usize, size: usize) -> *mut c_void {
     block
 }
 
-/// `memalign`, and with the page size `valloc` and `pvalloc`: any power of
-/// two, as glibc takes it; otherwise null with `EINVAL`.
+/// `memalign`, and with the page size `valloc` and `pvalloc`, as glibc
+/// takes the alignment: one below 16 (0 included) is 16, one that is not a
+/// power of two is rounded up to the next; past the largest power of two,
+/// null with `EINVAL`.
 ///
 /// # Safety
 ///
@@ -165,12 +181,16 @@ pub unsafe fn aligned_alloc(align: usize, size: usize) -> *mut c_void {
 #[doc(hidden)]
 #[inline]
 pub unsafe fn memalign(align: usize, size: usize) -> *mut c_void {
-    if !align.is_power_of_two() {
+    // As glibc: an alignment below the one every block has is that one (0
+    // included), and one that is not a power of two is rounded up to the
+    // next; past the largest power of two it fails with EINVAL.
+    let Some(align) = align.max(16).checked_next_power_of_two() else {
         // SAFETY: the calling thread's errno.
         unsafe { *libc::__errno_location() = libc::EINVAL };
         return std::ptr::null_mut();
-    }
+    };
     let counted = c_ready();
+    hold_if_over(size);
     // MALLOCX_ALIGN(align) is log2(align); mallocx takes no size of 0.
     let flags = align.trailing_zeros() as c_int;
     // SAFETY: a non-zero size and a valid alignment flag.
@@ -325,6 +345,18 @@ macro_rules! c_heap {
             unsafe extern "C" fn __libc_memalign(align: usize, size: usize) -> *mut c_void {
                 // SAFETY: as `memalign`.
                 unsafe { $crate::__c_heap::memalign(align, size) }
+            }
+            #[unsafe(no_mangle)]
+            unsafe extern "C" fn __libc_valloc(size: usize) -> *mut c_void {
+                // SAFETY: as `valloc`.
+                unsafe { $crate::__c_heap::memalign($crate::__c_heap::page_size(), size) }
+            }
+            #[unsafe(no_mangle)]
+            unsafe extern "C" fn __libc_pvalloc(size: usize) -> *mut c_void {
+                let page = $crate::__c_heap::page_size();
+                let rounded = size.max(1).div_ceil(page).saturating_mul(page);
+                // SAFETY: as `pvalloc`.
+                unsafe { $crate::__c_heap::memalign(page, rounded) }
             }
             #[unsafe(no_mangle)]
             unsafe extern "C" fn __posix_memalign(

@@ -31,6 +31,10 @@ pub const SHED_RATIO_ENV: &str = "ELASTICKV_MEMORY_SHED_THRESHOLD_RATIO";
 /// default; it needs a shutdown threshold too.
 pub const CGROUP_RATIO_ENV: &str = "ELASTICKV_MEMORY_CGROUP_THRESHOLD_RATIO";
 
+/// The heap past which, once the latch has tripped, an allocation waits for
+/// the exit, in MiB (see `Watchdog::hold_ceiling_mb`); `0` never holds.
+pub const HOLD_CEILING_ENV: &str = "ELASTICKV_MEMORY_HOLD_CEILING_MB";
+
 /// How far below the soft level usage must fall to leave it, in percent of
 /// the level: 10, so a 1000 MiB level is left below 900 MiB. Enough that a
 /// heap oscillating around the level by a request's worth does not flap.
@@ -263,6 +267,8 @@ pub(crate) struct EnvConfig {
     pub(crate) limit_recheck: Result<Duration, ConfigError>,
     /// The kernel trigger's ratio, or the reason it is off.
     pub(crate) cgroup_ratio: Result<Option<f64>, ConfigError>,
+    /// The hold ceiling: a malformed one is one warning and the default.
+    pub(crate) hold_ceiling: Result<HoldCeiling, ConfigError>,
     /// Warnings that leave the configuration on (both forms of a level set).
     pub(crate) notes: Vec<String>,
 }
@@ -316,14 +322,42 @@ pub(crate) fn from_env() -> Result<EnvConfig, ConfigError> {
             Some(raw) => parse_ratio(CGROUP_RATIO_ENV, &raw),
             None => Ok(None),
         });
+    let hold_ceiling = read(HOLD_CEILING_ENV, ConfigErrorKind::NotANumber)
+        .and_then(|raw| raw.map_or(Ok(HoldCeiling::Default), |r| parse_hold_ceiling(&r)));
     Ok(EnvConfig {
         threshold,
         shed,
         grace,
         limit_recheck,
         cgroup_ratio,
+        hold_ceiling,
         notes,
     })
+}
+
+/// Where allocations wait once the latch has tripped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HoldCeiling {
+    /// Halfway from the threshold to the cgroup's limit, or the threshold
+    /// plus the error budget where no cgroup limit is known.
+    Default,
+    /// Never hold.
+    Off,
+    /// At this many bytes.
+    Bytes(u64),
+}
+
+/// Parses the hold ceiling in MiB: empty is the default, `0` is off.
+pub(crate) fn parse_hold_ceiling(raw: &str) -> Result<HoldCeiling, ConfigError> {
+    if raw.trim().is_empty() {
+        return Ok(HoldCeiling::Default);
+    }
+    Ok(
+        match parse_threshold_mb(raw).map_err(|e| e.renamed(HOLD_CEILING_ENV))? {
+            None => HoldCeiling::Off,
+            Some(bytes) => HoldCeiling::Bytes(bytes),
+        },
+    )
 }
 
 fn read(variable: &'static str, problem: ConfigErrorKind) -> Result<Option<String>, ConfigError> {
@@ -339,6 +373,17 @@ fn read(variable: &'static str, problem: ConfigErrorKind) -> Result<Option<Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_hold_ceiling_parses_as_mib_with_0_off_and_empty_the_default() {
+        assert_eq!(parse_hold_ceiling(""), Ok(HoldCeiling::Default));
+        assert_eq!(parse_hold_ceiling(" "), Ok(HoldCeiling::Default));
+        assert_eq!(parse_hold_ceiling("0"), Ok(HoldCeiling::Off));
+        assert_eq!(parse_hold_ceiling("300"), Ok(HoldCeiling::Bytes(300 << 20)));
+        let e = parse_hold_ceiling("300MB").unwrap_err();
+        assert_eq!(e.variable(), HOLD_CEILING_ENV);
+        assert_eq!(e.value(), "300MB");
+    }
 
     #[test]
     fn threshold_table() {

@@ -25,7 +25,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use log::Level;
 use parking_lot::Mutex;
@@ -88,7 +88,10 @@ pub(crate) fn start(ratio: f64, recheck: Duration) -> Result<String, String> {
     );
     thread::Builder::new()
         .name("memwatch-cgroup".into())
-        .spawn(move || watch.run())
+        .spawn(move || {
+            crate::count::exempt_current_thread();
+            watch.run()
+        })
         .map_err(|e| format!("could not spawn its thread: {e}"))?;
     Ok(line)
 }
@@ -356,11 +359,11 @@ impl Watch {
                 .collect()
         };
         let mut fds = pollfds(&self.signals);
-        // No timeout without a recheck: only the kernel wakes the thread.
-        let timeout = match self.recheck.as_millis() {
-            0 => -1,
-            ms => ms.min(i32::MAX as u128) as libc::c_int,
-        };
+        // The limit is re-read every recheck period, on a clock of its own:
+        // kernel events that keep waking the thread (pressure on every
+        // reclaim, PSI every window) do not postpone it. No recheck: only
+        // the kernel wakes the thread.
+        let mut recheck_at = Instant::now() + self.recheck;
         let mut woken_by = "the check at start";
         loop {
             match self.figures() {
@@ -383,19 +386,30 @@ impl Watch {
                 }
             }
             let resized = loop {
+                let timeout = if self.recheck.is_zero() {
+                    -1
+                } else {
+                    let left = recheck_at.saturating_duration_since(Instant::now());
+                    // Rounded up, so that a wake-up is never early.
+                    (left.as_micros().div_ceil(1000)).min(i32::MAX as u128) as libc::c_int
+                };
                 // SAFETY: `fds` is a live, initialised array of `fds.len()`
                 // pollfd structures, and each fd stays open for the loop.
                 let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+                let e = io::Error::last_os_error();
+                if !self.recheck.is_zero() && Instant::now() >= recheck_at {
+                    recheck_at = Instant::now() + self.recheck;
+                    // The figures are read again only if the limit moved;
+                    // signals that came meanwhile stay pending for the next
+                    // poll.
+                    if self.follow_limit() {
+                        fds = pollfds(&self.signals);
+                        break true;
+                    }
+                }
                 if n > 0 {
                     break false;
                 }
-                // The recheck period passed with no signal: the figures are
-                // read again only if the limit moved.
-                if n == 0 && self.follow_limit() {
-                    fds = pollfds(&self.signals);
-                    break true;
-                }
-                let e = io::Error::last_os_error();
                 if n < 0 && e.kind() != io::ErrorKind::Interrupted {
                     emit(Level::Warn, format_args!("kernel trigger off: poll: {e}"));
                     return;

@@ -213,8 +213,8 @@ pub(crate) use process::*;
 /// The process's latch and the watchdog wake-up.
 #[cfg(not(loom))]
 mod process {
-    use std::sync::atomic::AtomicPtr;
-    use std::sync::atomic::Ordering::{Acquire, Release};
+    use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+    use std::sync::atomic::{AtomicPtr, AtomicU64};
     use std::thread::Thread;
 
     use super::Latch;
@@ -227,22 +227,79 @@ mod process {
     /// futex wake: it neither allocates nor locks.
     static WATCHDOG: AtomicPtr<Thread> = AtomicPtr::new(std::ptr::null_mut());
 
+    /// The grace thread, woken with the watchdog: it starts the deadline
+    /// from the trip itself, whatever the watchdog thread is doing.
+    static GRACE: AtomicPtr<Thread> = AtomicPtr::new(std::ptr::null_mut());
+
+    /// `CLOCK_MONOTONIC` at the trip, in nanoseconds; 0 before it.
+    static TRIPPED_NS: AtomicU64 = AtomicU64::new(0);
+
     fn wake() {
-        // Acquire pairs with the Release in `arm`: the handle is complete.
-        let thread = WATCHDOG.load(Acquire);
-        if !thread.is_null() {
-            // SAFETY: a handle leaked in `arm`, never freed. In a child of
-            // `fork` it may name a thread that is not there; unparking it
-            // then wakes nobody.
-            unsafe { (*thread).unpark() };
+        for handle in [&WATCHDOG, &GRACE] {
+            // Acquire pairs with the Release in `arm`: the handle is
+            // complete.
+            let thread = handle.load(Acquire);
+            if !thread.is_null() {
+                // SAFETY: a handle leaked in `arm`, never freed. In a child
+                // of `fork` it may name a thread that is not there;
+                // unparking it then wakes nobody.
+                unsafe { (*thread).unpark() };
+            }
         }
+    }
+
+    /// `CLOCK_MONOTONIC` now, in nanoseconds: a vDSO call that neither
+    /// allocates nor locks, so the tripping fold may take it.
+    pub(crate) fn monotonic_ns() -> u64 {
+        let mut t = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: one valid timespec to write.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
+        (t.tv_sec as u64)
+            .wrapping_mul(1_000_000_000)
+            .wrapping_add(t.tv_nsec as u64)
+    }
+
+    /// After a caller that moved the latch or the flag: if the latch has
+    /// tripped, notes the time once (the first to get here after the trip,
+    /// microseconds after it at most), then wakes the threads.
+    fn moved() {
+        if LATCH.tripped_at().is_some() && TRIPPED_NS.load(Relaxed) == 0 {
+            // Relaxed: the grace thread reads it after the Acquire load of
+            // the latch that this thread's trip published; a racing second
+            // caller finds it set, or sets nearly the same time.
+            let _ = TRIPPED_NS.compare_exchange(0, monotonic_ns().max(1), Relaxed, Relaxed);
+        }
+        wake();
+    }
+
+    /// `CLOCK_MONOTONIC` nanoseconds at the trip, once it is noted.
+    pub(crate) fn tripped_ns() -> Option<u64> {
+        // Relaxed: see `moved`.
+        match TRIPPED_NS.load(Relaxed) {
+            0 => None,
+            ns => Some(ns),
+        }
+    }
+
+    /// In a child of `fork`: the parent's trip time is not the child's.
+    pub(crate) fn forget_trip_time() {
+        TRIPPED_NS.store(0, Relaxed);
+    }
+
+    /// Names the grace thread to wake with the watchdog.
+    pub(crate) fn arm_grace(grace: Thread) {
+        // Release: see `wake`.
+        GRACE.store(Box::into_raw(Box::new(grace)), Release);
     }
 
     /// Called with an exact reading.
     #[inline]
     pub(crate) fn observe(now: isize) {
         if LATCH.observe(now) {
-            wake();
+            moved();
         }
     }
 
@@ -290,7 +347,7 @@ mod process {
     /// Trips the latch from outside a fold (the watchdog's check at start).
     pub(crate) fn trip_now(now: isize) {
         if LATCH.trip(now) {
-            wake();
+            moved();
         }
     }
 
@@ -303,13 +360,13 @@ mod process {
 
     /// Wakes the watchdog thread.
     pub(crate) fn wake_watchdog() {
-        wake();
+        moved();
     }
 
     /// Enters or leaves pressure from outside a fold.
     pub(crate) fn shift_now(to: bool) {
         if LATCH.shift(to) {
-            wake();
+            moved();
         }
     }
 

@@ -24,12 +24,13 @@
 //!   batches. There is no polling.
 //! - Over jemalloc on Linux, the counters are jemalloc's own: it adds every
 //!   block's usable size to per-thread counters on its fast path anyway.
-//!   memwatch's fast path only moves a thread-local level by the call's
-//!   size; once a thread's net has moved by 48 KiB the thread reads its
-//!   counters, publishes them for readings and folds them into the shared
-//!   total once more than its share of the error budget is unfolded. Over
-//!   any other allocator, memwatch adds the requested size to the thread's
-//!   own delta and folds it when it exceeds that share.
+//!   memwatch's fast path only takes the call's weight (its size plus 16)
+//!   from a thread-local credit; a call the credit does not cover is made
+//!   and then the thread reads its counters, publishes them for readings,
+//!   folds them into the shared total once they exceed its allowance from
+//!   the error budget, and sets the credit to its interval again. Over any
+//!   other allocator, memwatch adds the requested size to the thread's own
+//!   delta and folds it when it exceeds that allowance.
 //! - A thread joins on its first call through the allocator, whatever
 //!   started it (std, tokio, C code, the C library itself, a `dlopen`'d
 //!   library), and leaves from a `pthread` key destructor at its end.
@@ -49,6 +50,7 @@
 //! | `ELASTICKV_MEMORY_SHED_THRESHOLD_MB` | soft level in MiB, below the threshold: [`pressure`] turns true above it | off |
 //! | `ELASTICKV_MEMORY_SHED_THRESHOLD_RATIO` | soft level as a fraction of the effective memory limit | off |
 //! | `ELASTICKV_MEMORY_CGROUP_THRESHOLD_RATIO` | the kernel trigger: a fraction in (0, 1] of the memory cgroup's limit, for the charge that reclaim cannot free (see [`Watchdog::cgroup_threshold_ratio`]) | off |
+//! | `ELASTICKV_MEMORY_HOLD_CEILING_MB` | once tripped, an allocation that would take the heap past this many MiB waits for the exit (see [`Watchdog::hold_ceiling_mb`]); `0` never holds | halfway from the threshold to the cgroup limit, or the threshold plus the error budget |
 //! | `ELASTICKV_MEMORY_LIMIT_RECHECK` | how often a ratio level re-reads the memory limit and follows a resize; `0s` reads it once; at most a day (longer is clamped, with a warning) | `10s` |
 //!
 //! A malformed value gives one warning naming the variable and the value; a
@@ -82,18 +84,24 @@
 //!
 //! # Accuracy
 //!
-//! [`live_bytes`] is exact for threads that have ended and for the calling
-//! thread, however many threads came and went. Over memwatch's own count it
-//! is exact for every quiescent thread; over jemalloc, every other live
-//! thread may have up to 60 KiB of net allocation or free that it has not
-//! published yet. The threshold has one error budget for the whole process,
-//! the larger of 16 MiB ([`MIN_BUDGET`]) and 2% of the threshold: the trip
-//! comes at most that much plus 64 KiB per thread (over jemalloc) early or
-//! late, however many threads there are and whether they are busy or idle.
-//! Each thread folds its count once it has moved by its share of the budget
-//! (the budget split among the threads, at most the slack), and a fold that
-//! could cross a level sums every thread's pending count before the latch
-//! decides. [`MemWatch::with_slack`] caps the share.
+//! These bounds hold for every sequence of calls: any sizes, alignments,
+//! reallocations and cross-thread frees, any number of threads
+//! (`docs/design.md`, "The error bound", derives them; seeded random
+//! sequences test them). [`live_bytes`] is exact for threads that have
+//! ended and for the calling thread, however many threads came and went.
+//! Over memwatch's own count it is exact for every quiescent thread; over
+//! jemalloc, every other live thread may hold less than 1.25 times its
+//! interval unpublished (the interval is 48 KiB plus the
+//! thread's allowance, at most the slack;
+//! [`Snapshot::reading_error_bytes`] gives the sum now). The threshold has
+//! one error budget for the whole process, the larger of 16 MiB
+//! ([`MIN_BUDGET`]) and 2% of the threshold: the trip comes at most that
+//! much plus 64 KiB per thread (over jemalloc) early or late, however many
+//! threads there are and whether they are busy or idle. The threads share
+//! a pool of allowances drawn from the budget; a thread folds its count
+//! once it exceeds its allowance, and a fold that could cross a level sums
+//! every thread's pending count before the latch decides.
+//! [`MemWatch::with_slack`] caps the allowance.
 //!
 //! Over jemalloc, a block counts as its usable size (its size class, what
 //! jemalloc's `stats.allocated` counts), and jemalloc counts every block it
@@ -119,7 +127,8 @@
 //!
 //! After `fork` without `exec`, the child keeps its own thread's count and
 //! folds the other threads' last published figures into the total (over
-//! jemalloc, up to 60 KiB of each one's latest net activity is lost); it runs no
+//! jemalloc, what each did since its last look is lost: less than 1.25
+//! times its interval); it runs no
 //! watchdog unless it starts one.
 //!
 //! # Crate features
@@ -201,8 +210,8 @@ pub use crate::alloc::{DefaultInner, MemWatch};
 pub use crate::config::{
     parse_grace, parse_limit_recheck, parse_ratio, parse_threshold_mb, ConfigError,
     ConfigErrorKind, BYTES_PER_MIB, CGROUP_RATIO_ENV, DEFAULT_EXIT_CODE, DEFAULT_GRACE,
-    DEFAULT_LIMIT_RECHECK, DEFAULT_SHED_HYSTERESIS_PERCENT, GRACE_ENV, LIMIT_RECHECK_ENV, SHED_ENV,
-    SHED_RATIO_ENV, THRESHOLD_ENV, THRESHOLD_RATIO_ENV,
+    DEFAULT_LIMIT_RECHECK, DEFAULT_SHED_HYSTERESIS_PERCENT, GRACE_ENV, HOLD_CEILING_ENV,
+    LIMIT_RECHECK_ENV, SHED_ENV, SHED_RATIO_ENV, THRESHOLD_ENV, THRESHOLD_RATIO_ENV,
 };
 #[cfg(not(loom))]
 pub use crate::count::{DEFAULT_SLACK, MAX_SLACK, MIN_BUDGET};
@@ -210,6 +219,17 @@ pub use crate::count::{DEFAULT_SLACK, MAX_SLACK, MIN_BUDGET};
 pub use crate::limits::{memory_limit, memory_limit_at, LimitSource, MemoryLimit};
 #[cfg(not(loom))]
 pub use crate::shutdown::{wait_tripped, wait_tripped_timeout};
+
+/// Exempts the calling thread from the hold after the trip: its allocations
+/// never wait at the hold ceiling (see
+/// [`Watchdog::hold_ceiling_mb`]). Call it on the threads the shutdown
+/// hooks need to finish (the workers that drain in-flight requests, the
+/// thread that flushes a write-ahead log) when their drain may take the
+/// heap past the ceiling; memwatch's own threads are exempt already.
+#[cfg(not(loom))]
+pub fn exempt_from_hold() {
+    count::exempt_current_thread();
+}
 #[cfg(not(loom))]
 pub use crate::stats::{
     armed_threshold_bytes, jemalloc_stats, live_bytes, peak_bytes, pressure, snapshot, tripped,

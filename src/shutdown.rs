@@ -11,6 +11,7 @@
 
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -63,6 +64,9 @@ pub(crate) fn forget_in_child() {
     seq.phase = Phase::Waiting;
     seq.tripped = None;
     seq.current_hook = None;
+    drop(seq);
+    TRIP_LINE_WRITTEN.store(false, SeqCst);
+    latch::forget_trip_time();
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,15 +99,28 @@ pub(crate) struct Plan {
     pub(crate) grace: Duration,
     /// The exit code of a memory-pressure shutdown.
     pub(crate) exit_code: i32,
+    /// How many shutdown hooks there are.
+    pub(crate) hooks: usize,
 }
 
 /// The watchdog thread's body: waits for the latch, then shuts down.
+///
+/// Nothing this thread does before the trip can hold it up for long: what
+/// it logs goes to the `memwatch-log` thread (a standard error that nobody
+/// reads blocks that thread, not this one), and the pressure callbacks run
+/// on a `memwatch-pressure` thread of their own. The grace thread starts
+/// the deadline from the trip itself in any case.
 pub(crate) fn watchdog_thread(
     plan: Plan,
     hooks: Vec<Hook>,
-    mut callbacks: Vec<PressureCallback>,
+    callbacks: Vec<PressureCallback>,
     mut follow: Option<Follow>,
 ) {
+    crate::count::exempt_current_thread();
+    raise_priority();
+    let log = LogThread::start();
+    log.defer_this_threads_lines();
+    let mut pressure = PressureThread::start(callbacks);
     let mut shedding = false;
     let mut next_recheck = follow.as_ref().map(|f| Instant::now() + f.every);
     let tripped_at = loop {
@@ -112,7 +129,7 @@ pub(crate) fn watchdog_thread(
         }
         if latch::pressure() != shedding {
             shedding = !shedding;
-            pressure_changed(shedding, &mut callbacks);
+            pressure.changed(shedding);
         }
         // Spurious wake-ups just loop.
         match (&mut follow, next_recheck) {
@@ -128,7 +145,7 @@ pub(crate) fn watchdog_thread(
             _ => thread::park(),
         }
     };
-    let started = Instant::now();
+    let started = trip_instant();
     {
         let mut seq = SEQUENCE.lock();
         // A grace of 0 skips the hooks: the sequence is done at once.
@@ -140,47 +157,13 @@ pub(crate) fn watchdog_thread(
         seq.tripped = Some(started);
     }
     SEQUENCE_CHANGED.notify_all();
-    // From here on nothing the watchdog logs may hold it up: a standard
-    // error that nobody reads must not keep the hooks from running or the
-    // process from ending (the grace thread ends it at the deadline anyway).
-    let log = AfterTrip::start();
 
-    // The armed threshold: the plan's, or where a resize moved it.
-    let threshold = latch::threshold().unwrap_or(plan.threshold);
-    let jemalloc = match stats::jemalloc_stats().filter(|_| stats::wraps_jemalloc()) {
-        Some(s) => s.to_string(),
-        None => "no jemalloc figures (jemalloc is not the inner allocator)".to_owned(),
-    };
-    let then = if plan.grace.is_zero() {
-        "a grace of 0s skips the shutdown hooks; exiting with code".to_owned()
-    } else {
-        format!(
-            "running {} shutdown hook(s) within {:?}, then exiting with code",
-            hooks.len(),
-            plan.grace
-        )
-    };
-    let line = match kernel_trigger::tripped() {
-        Some(kernel) => format!(
-            "memory cgroup level crossed (kernel trigger): {kernel}; live heap {} bytes \
-             (threshold {} bytes); {}; {then} {}",
-            stats::live_bytes(),
-            threshold,
-            jemalloc,
-            plan.exit_code,
-        ),
-        None => format!(
-            "memory threshold crossed: live heap {} bytes > threshold {} bytes ({} MiB); \
-             live now {} bytes; {}; {then} {}",
-            tripped_at,
-            threshold,
-            threshold as u64 / config::BYTES_PER_MIB,
-            stats::live_bytes(),
-            jemalloc,
-            plan.exit_code,
-        ),
-    };
-    log.emit(Level::Error, line);
+    // The trip line first, before any hook can print: straight to standard
+    // error (never blocking), then through `log` where a logger is set.
+    write_trip_line_once(&trip_line(&plan, tripped_at, false));
+    if log::max_level() != log::LevelFilter::Off {
+        log.emit_trip(plan, tripped_at);
+    }
 
     if !plan.grace.is_zero() {
         for hook in hooks {
@@ -227,6 +210,81 @@ pub(crate) fn watchdog_thread(
     exit_once(plan.exit_code);
 }
 
+/// The moment of the trip, as an `Instant`: from the time the tripping
+/// thread noted, so that a watchdog or grace thread that got a core late
+/// still counts the deadline from the trip.
+fn trip_instant() -> Instant {
+    let now = Instant::now();
+    match latch::tripped_ns() {
+        Some(at) => {
+            let ago = Duration::from_nanos(latch::monotonic_ns().saturating_sub(at));
+            now.checked_sub(ago).unwrap_or(now)
+        }
+        None => now,
+    }
+}
+
+/// The trip's one error line: what crossed, the figures, what happens next.
+///
+/// With `figures`, jemalloc's own figures are in it: reading them takes
+/// jemalloc's locks, which threads busy in jemalloc may hold for a while,
+/// so the line written straight to standard error goes without them and
+/// the log thread adds them to the one it logs.
+fn trip_line(plan: &Plan, tripped_at: isize, figures: bool) -> String {
+    // The armed threshold: the plan's, or where a resize moved it.
+    let threshold = latch::threshold().unwrap_or(plan.threshold);
+    let jemalloc = if !stats::wraps_jemalloc() {
+        "no jemalloc figures (jemalloc is not the inner allocator)".to_owned()
+    } else if !figures {
+        "jemalloc's figures in the log".to_owned()
+    } else {
+        match stats::jemalloc_stats().filter(|_| stats::wraps_jemalloc()) {
+            Some(s) => s.to_string(),
+            None => "no jemalloc figures (jemalloc is not the inner allocator)".to_owned(),
+        }
+    };
+    let then = if plan.grace.is_zero() {
+        "a grace of 0s skips the shutdown hooks; exiting with code".to_owned()
+    } else {
+        format!(
+            "running {} shutdown hook(s) within {:?}, then exiting with code",
+            plan.hooks, plan.grace
+        )
+    };
+    match kernel_trigger::tripped() {
+        Some(kernel) => format!(
+            "memory cgroup level crossed (kernel trigger): {kernel}; live heap {} bytes \
+             (threshold {} bytes); {}; {then} {}",
+            stats::live_bytes(),
+            threshold,
+            jemalloc,
+            plan.exit_code,
+        ),
+        None => format!(
+            "memory threshold crossed: live heap {} bytes > threshold {} bytes ({} MiB); \
+             live now {} bytes; {}; {then} {}",
+            tripped_at,
+            threshold,
+            threshold as u64 / config::BYTES_PER_MIB,
+            stats::live_bytes(),
+            jemalloc,
+            plan.exit_code,
+        ),
+    }
+}
+
+/// Set once the trip line has been written to standard error.
+static TRIP_LINE_WRITTEN: AtomicBool = AtomicBool::new(false);
+
+/// Writes the trip line to standard error, once in the process (the
+/// watchdog thread, or the grace thread if it gets there first), without
+/// blocking: `[memwatch ERROR] ` and the line.
+fn write_trip_line_once(line: &str) {
+    if !TRIP_LINE_WRITTEN.swap(true, SeqCst) {
+        write_now(&format!("[memwatch ERROR] {line}\n"));
+    }
+}
+
 /// How long the exit waits for the log lines written after the trip.
 const LOG_FLUSH: Duration = Duration::from_millis(100);
 
@@ -235,47 +293,100 @@ const LOG_FLUSH: Duration = Duration::from_millis(100);
 /// the process with `_exit`.
 const EXIT_MARGIN: Duration = Duration::from_millis(500);
 
-/// The lines the watchdog logs after the trip, written by a thread of
-/// their own ("memwatch-log"), so that a logger blocked on a full pipe
-/// holds up neither the hooks nor the exit.
-struct AfterTrip {
-    lines: Option<std::sync::mpsc::Sender<(Level, String)>>,
-    done: std::sync::mpsc::Receiver<()>,
+/// The lines the watchdog thread logs, written by a thread of their own
+/// ("memwatch-log"), so that a logger blocked on a full pipe holds up
+/// neither the watchdog, the hooks nor the exit.
+struct LogThread {
+    lines: Option<mpsc::Sender<Line>>,
+    done: mpsc::Receiver<()>,
 }
 
-impl AfterTrip {
+/// What the log thread writes.
+enum Line {
+    /// A line as it is.
+    Plain(Level, String),
+    /// The trip line, with jemalloc's figures read on the log thread.
+    Trip(Plan, isize),
+}
+
+std::thread_local! {
+    /// Where [`crate::watchdog::emit`] sends the lines of this thread
+    /// instead of writing them: the watchdog thread's log thread.
+    static DEFERRED: std::cell::RefCell<Option<mpsc::Sender<Line>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Hands a line of the calling thread to its log thread, if it has one;
+/// returns whether it did.
+pub(crate) fn deferred(level: Level, args: std::fmt::Arguments<'_>) -> bool {
+    DEFERRED.with(|d| match &*d.borrow() {
+        Some(tx) => tx.send(Line::Plain(level, args.to_string())).is_ok(),
+        None => false,
+    })
+}
+
+impl LogThread {
     fn start() -> Self {
-        let (tx, rx) = std::sync::mpsc::channel::<(Level, String)>();
-        let (done_tx, done) = std::sync::mpsc::channel();
+        let (tx, rx) = mpsc::channel::<Line>();
+        let (done_tx, done) = mpsc::channel();
         let spawned = thread::Builder::new()
             .name("memwatch-log".into())
             .spawn(move || {
-                for (level, line) in rx {
-                    emit(level, format_args!("{line}"));
+                crate::count::exempt_current_thread();
+                for line in rx {
+                    match line {
+                        Line::Plain(level, line) => emit(level, format_args!("{line}")),
+                        Line::Trip(plan, at) => {
+                            emit(Level::Error, format_args!("{}", trip_line(&plan, at, true)))
+                        }
+                    }
                     let _ = done_tx.send(());
                 }
             });
         match spawned {
-            Ok(_) => AfterTrip {
+            Ok(_) => LogThread {
                 lines: Some(tx),
                 done,
             },
-            // No thread for it: log from here, as before the trip.
-            Err(_) => AfterTrip {
+            // No thread for it: log from here.
+            Err(_) => LogThread {
                 lines: None,
-                done: std::sync::mpsc::channel().1,
+                done: mpsc::channel().1,
             },
+        }
+    }
+
+    /// Sends every line the calling thread logs through `emit` here.
+    fn defer_this_threads_lines(&self) {
+        if let Some(tx) = &self.lines {
+            DEFERRED.with(|d| *d.borrow_mut() = Some(tx.clone()));
         }
     }
 
     fn emit(&self, level: Level, line: String) {
         match &self.lines {
             Some(tx) => {
-                if let Err(std::sync::mpsc::SendError((level, line))) = tx.send((level, line)) {
-                    emit(level, format_args!("{line}"));
+                if let Err(mpsc::SendError(Line::Plain(level, line))) =
+                    tx.send(Line::Plain(level, line))
+                {
+                    write_now(&format!("[memwatch {level}] {line}\n"));
                 }
             }
             None => emit(level, format_args!("{line}")),
+        }
+    }
+
+    /// Logs the trip line through `log`, with jemalloc's figures.
+    fn emit_trip(&self, plan: Plan, tripped_at: isize) {
+        let sent = self
+            .lines
+            .as_ref()
+            .is_some_and(|tx| tx.send(Line::Trip(plan, tripped_at)).is_ok());
+        if !sent {
+            emit(
+                Level::Error,
+                format_args!("{}", trip_line(&plan, tripped_at, true)),
+            );
         }
     }
 
@@ -285,6 +396,7 @@ impl AfterTrip {
             return;
         };
         drop(tx);
+        DEFERRED.with(|d| *d.borrow_mut() = None);
         let until = Instant::now().checked_add(limit);
         // One `done` per line written; the channel closes when the writer
         // has written them all.
@@ -296,6 +408,50 @@ impl AfterTrip {
                 Ok(()) => continue,
                 Err(_) => return,
             }
+        }
+    }
+}
+
+/// The soft level's changes, handled on a thread of their own
+/// ("memwatch-pressure"): its log line and the application's callbacks,
+/// which may block or take long, never hold up the watchdog thread.
+struct PressureThread {
+    /// The callbacks, until the first change starts the thread.
+    callbacks: Option<Vec<PressureCallback>>,
+    changes: Option<mpsc::Sender<bool>>,
+}
+
+impl PressureThread {
+    fn start(callbacks: Vec<PressureCallback>) -> Self {
+        PressureThread {
+            callbacks: Some(callbacks),
+            changes: None,
+        }
+    }
+
+    /// The soft level was entered (`true`) or left: hands it to the thread,
+    /// starting it at the first change. Never blocks on the thread.
+    fn changed(&mut self, shedding: bool) {
+        if let Some(mut callbacks) = self.callbacks.take() {
+            let (tx, rx) = mpsc::channel::<bool>();
+            let spawned = thread::Builder::new()
+                .name("memwatch-pressure".into())
+                .spawn(move || {
+                    crate::count::exempt_current_thread();
+                    for shedding in rx {
+                        pressure_changed(shedding, &mut callbacks);
+                    }
+                });
+            match spawned {
+                Ok(_) => self.changes = Some(tx),
+                Err(e) => emit(
+                    Level::Warn,
+                    format_args!("memory pressure changes not handled: no thread for them: {e}"),
+                ),
+            }
+        }
+        if let Some(tx) = &self.changes {
+            let _ = tx.send(shedding);
         }
     }
 }
@@ -336,37 +492,56 @@ fn pressure_changed(shedding: bool, callbacks: &mut [PressureCallback]) {
     }
 }
 
-/// Ends the process at the deadline, whatever the watchdog is doing: `grace`
-/// after the trip if a hook is still running (logged, without blocking),
+/// Ends the process at the deadline, whatever the watchdog is doing. The
+/// latch wakes this thread with the watchdog, and the deadline counts from
+/// the trip itself: `grace` after it if the shutdown has not finished (a
+/// hook still running, or a watchdog thread that never got to the hooks),
 /// and [`EXIT_MARGIN`] later if the hooks finished but `exit` has not
 /// returned. Both end with `_exit`: no atexit handler or destructor that
-/// might hang runs on the way.
+/// might hang runs on the way. If the watchdog thread has not written the
+/// trip line by the time this thread wakes, this thread writes it.
 pub(crate) fn grace_thread(plan: Plan) {
-    let mut seq = SEQUENCE.lock();
-    let started = loop {
-        if let Some(d) = seq.tripped {
-            break d;
+    crate::count::exempt_current_thread();
+    raise_priority();
+    let tripped_at = loop {
+        if let Some(at) = latch::tripped_at() {
+            break at;
         }
-        SEQUENCE_CHANGED.wait(&mut seq);
+        thread::park();
     };
+    let started = trip_instant();
+    if !TRIP_LINE_WRITTEN.load(SeqCst) {
+        // Give the watchdog thread a moment to write it with its own
+        // figures; then write it from here.
+        thread::sleep(TRIP_LINE_WAIT);
+        if !TRIP_LINE_WRITTEN.load(SeqCst) {
+            write_trip_line_once(&trip_line(&plan, tripped_at, false));
+        }
+    }
     // Clamped to a day at start, so neither can overflow; checked anyway.
     let hooks_end = started.checked_add(plan.grace);
     let exit_end = hooks_end.and_then(|d| d.checked_add(EXIT_MARGIN));
+    let mut seq = SEQUENCE.lock();
     while seq.phase != Phase::Done {
         let Some(end) = hooks_end else {
             SEQUENCE_CHANGED.wait(&mut seq);
             continue;
         };
         if SEQUENCE_CHANGED.wait_until(&mut seq, end).timed_out() && seq.phase != Phase::Done {
-            let hook = seq
-                .current_hook
-                .clone()
-                .unwrap_or_else(|| "(none)".to_owned());
+            let what = match (&seq.current_hook, seq.phase) {
+                (Some(hook), _) => format!("shutdown hook {hook:?} still running"),
+                (None, Phase::Waiting) => {
+                    "the watchdog thread had not begun the shutdown (held up before the \
+                     hooks)"
+                        .to_owned()
+                }
+                (None, _) => "the shutdown not finished".to_owned(),
+            };
             drop(seq);
             write_now(&format!(
-                "[memwatch ERROR] shutdown hook {:?} still running at the {:?} grace deadline; \
-                 exiting with code {} anyway\n",
-                hook, plan.grace, plan.exit_code
+                "[memwatch ERROR] {what} at the {:?} grace deadline; exiting with code {} \
+                 anyway\n",
+                plan.grace, plan.exit_code
             ));
             exit_now(plan.exit_code);
         }
@@ -389,6 +564,27 @@ pub(crate) fn grace_thread(plan: Plan) {
         exit_now(plan.exit_code);
     }
 }
+
+/// Asks the kernel to run the calling thread before the process's others
+/// when they compete for a core (nice -10, where the process may raise its
+/// priority: root, or `CAP_SYS_NICE`); silently nothing where it may not.
+/// The thread sleeps until the trip, so this costs the others nothing
+/// before it.
+fn raise_priority() {
+    // SAFETY: `gettid` takes nothing; `setpriority` on this thread's own id
+    // changes only its nice value, and a refusal changes nothing.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, WATCHDOG_NICE);
+    }
+}
+
+/// The nice value of the watchdog and grace threads: -10.
+const WATCHDOG_NICE: libc::c_int = -10;
+
+/// How long the grace thread leaves the watchdog thread to write the trip
+/// line before it writes it itself.
+const TRIP_LINE_WAIT: Duration = Duration::from_millis(20);
 
 /// Writes `line` to standard error only if that cannot block: a pipe that
 /// nobody reads is skipped.

@@ -11,8 +11,8 @@ use crate::{count, latch};
 pub struct Snapshot {
     /// Live heap bytes allocated and not yet freed (see [`live_bytes`]).
     pub live_bytes: usize,
-    /// The highest folded total seen (low by at most one fold interval per
-    /// thread; see [`peak_bytes`]).
+    /// The highest folded total seen (low by at most the error bound; see
+    /// [`peak_bytes`]).
     pub peak_bytes: usize,
     /// The armed threshold in bytes, if the watchdog runs.
     pub threshold_bytes: Option<usize>,
@@ -31,9 +31,12 @@ pub struct Snapshot {
     pub error_budget_bytes: usize,
     /// The most [`live_bytes`] may be off by now, either way, from what the
     /// other live threads have not published yet: over jemalloc less than
-    /// 1.25 times each one's interval plus 16 bytes (docs/design.md, "The
+    /// 1.25 times each one's interval (docs/design.md, "The
     /// error bound"); over memwatch's own count 0 for quiescent threads.
     pub reading_error_bytes: usize,
+    /// Threads waiting at the hold ceiling now (after the trip; see
+    /// [`Watchdog::hold_ceiling_mb`](crate::Watchdog::hold_ceiling_mb)).
+    pub held_threads: usize,
 }
 
 /// Live heap bytes through the memwatch allocator: allocated and not yet
@@ -44,7 +47,7 @@ pub struct Snapshot {
 /// Exact for threads that have ended and for the calling thread's own
 /// calls; over memwatch's own count, exact for every quiescent thread. Over
 /// jemalloc, each other live thread may hold allocations or frees it has not
-/// published yet: less than 1.25 times its interval plus 16 bytes, the
+/// published yet: less than 1.25 times its interval, the
 /// interval being 48 KiB plus the thread's allowance from the error budget
 /// and at most the slack ([`Snapshot::reading_error_bytes`] gives the sum
 /// now). Costs one load per thread slot (256
@@ -59,9 +62,9 @@ pub fn live_bytes() -> usize {
 
 /// The highest live-bytes figure seen at a fold or by [`live_bytes`]: never
 /// below a reading taken before it. Folds happen when a thread's count has
-/// moved by more than its share of the error budget since its last fold, so
-/// a peak that no fold or reading saw can be missed by up to that much per
-/// thread.
+/// moved by more than its allowance from the error budget since its last
+/// fold, so a peak that no fold or reading saw can be missed by up to the
+/// error bound (see [`Snapshot::error_budget_bytes`]).
 pub fn peak_bytes() -> usize {
     clamp(latch::peak())
 }
@@ -95,6 +98,7 @@ pub fn snapshot() -> Snapshot {
         threads: count::threads(),
         error_budget_bytes: count::budget(),
         reading_error_bytes: count::reading_error(),
+        held_threads: count::holding(),
     }
 }
 

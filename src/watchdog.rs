@@ -62,6 +62,7 @@ pub struct Watchdog {
     grace: Duration,
     limit_recheck: Result<Duration, ConfigError>,
     cgroup_ratio: Result<Option<f64>, ConfigError>,
+    hold_ceiling: Result<config::HoldCeiling, ConfigError>,
     exit_code: i32,
     hooks: Vec<Hook>,
     pressure_callbacks: Vec<PressureCallback>,
@@ -103,6 +104,7 @@ impl Watchdog {
             grace: DEFAULT_GRACE,
             limit_recheck: Ok(DEFAULT_LIMIT_RECHECK),
             cgroup_ratio: Ok(None),
+            hold_ceiling: Ok(config::HoldCeiling::Default),
             exit_code: DEFAULT_EXIT_CODE,
             hooks: Vec::new(),
             pressure_callbacks: Vec::new(),
@@ -142,6 +144,7 @@ impl Watchdog {
                 w.grace = c.grace;
                 w.limit_recheck = c.limit_recheck;
                 w.cgroup_ratio = c.cgroup_ratio;
+                w.hold_ceiling = c.hold_ceiling;
                 w.notes = c.notes;
             }
             Err(e) => w.threshold = Err(e),
@@ -250,8 +253,32 @@ impl Watchdog {
         self
     }
 
+    /// Sets the hold ceiling in MiB; `0` never holds. Overrides the
+    /// environment (`ELASTICKV_MEMORY_HOLD_CEILING_MB`).
+    ///
+    /// Once the latch has tripped, a thread whose allocation would take the
+    /// heap past the ceiling waits (the allocation neither returns nor
+    /// fails) until the heap falls below it or the process ends, which the
+    /// grace deadline bounds: growth that goes on after the trip cannot
+    /// outrun the exit into the kernel's OOM-killer while the watchdog
+    /// waits for a core. Below the ceiling every thread proceeds, so the
+    /// hooks can drain; memwatch's own threads (the hooks run on one) never
+    /// wait, nor do threads that call [`exempt_from_hold`](crate::exempt_from_hold).
+    /// By default the ceiling is halfway from the threshold to the memory
+    /// cgroup's limit, or the threshold plus the error budget where no
+    /// cgroup limit is known; one at or below the threshold is refused with
+    /// a warning and the default is used. The start line states it.
+    pub fn hold_ceiling_mb(mut self, mib: u64) -> Self {
+        self.hold_ceiling = config::parse_hold_ceiling(&mib.to_string());
+        self
+    }
+
     /// Sets the exit code of a memory-pressure shutdown (default 2). Useful
     /// where 2 already means something else, such as a CLI usage error.
+    /// It must be in `1..=255`: the kernel keeps only the low 8 bits of an
+    /// exit status (256 would end as 0, a normal stop), and 0 is a normal
+    /// stop; any other code is refused at start with a warning, and 2 is
+    /// used.
     pub fn exit_code(mut self, code: i32) -> Self {
         self.exit_code = code;
         self
@@ -259,7 +286,13 @@ impl Watchdog {
 
     /// Adds a shutdown hook. Hooks run once, in the order added, on the
     /// watchdog thread; a hook that panics is logged and the next one runs.
-    /// Hooks may allocate freely: the latch never trips twice.
+    /// Hooks may allocate freely: the latch never trips twice, and the
+    /// watchdog thread never waits at the hold ceiling.
+    ///
+    /// A hook should return rather than end the process itself: one that
+    /// calls `std::process::exit(0)` ends it with that code (a supervisor
+    /// then sees a normal stop) and skips the hooks after it. The trip line
+    /// is written before the first hook runs, so it is there either way.
     pub fn on_shutdown(
         mut self,
         name: impl Into<String>,
@@ -374,14 +407,16 @@ impl Watchdog {
         let plan = Plan {
             threshold,
             grace,
-            exit_code: self.exit_code,
+            exit_code: checked_exit_code(self.exit_code),
+            hooks: self.hooks.len(),
         };
         let callbacks = self.pressure_callbacks;
         let names: Vec<String> = self.hooks.iter().map(|h| h.name.clone()).collect();
         let spawned = thread::Builder::new()
             .name("memwatch-grace".into())
             .spawn(move || grace_thread(plan))
-            .and_then(|_| {
+            .and_then(|grace| {
+                latch::arm_grace(grace.thread().clone());
                 let hooks = self.hooks;
                 thread::Builder::new()
                     .name("memwatch-watchdog".into())
@@ -398,6 +433,8 @@ impl Watchdog {
             }
         };
         count::set_budget(threshold);
+        let ceiling = hold_ceiling(self.hold_ceiling, threshold, limit.as_ref());
+        count::set_ceiling(ceiling.as_ref().map_or(isize::MAX, |(bytes, _)| *bytes));
         if let Some((enter, leave)) = shed {
             latch::arm_shed(enter, leave);
         }
@@ -435,11 +472,12 @@ impl Watchdog {
             Level::Info,
             format_args!(
                 "memory watchdog on: threshold {} MiB ({} bytes), error budget {} MiB, \
-                 {shed_text}, grace {:?}, exit code {}, {} shutdown hook(s) {:?}, \
+                 {shed_text}, {}, grace {:?}, exit code {}, {} shutdown hook(s) {:?}, \
                  live heap now {} bytes",
                 threshold as u64 / config::BYTES_PER_MIB,
                 threshold,
                 count::budget() as u64 / config::BYTES_PER_MIB,
+                describe_ceiling(ceiling.as_ref()),
                 plan.grace,
                 plan.exit_code,
                 names.len(),
@@ -466,6 +504,99 @@ impl Watchdog {
         }
         WatchdogHandle { armed: true, ..off }
     }
+}
+
+/// The hold ceiling in bytes and how it was chosen, or `None` for no hold:
+/// the configured one if it is above the threshold, else halfway from the
+/// threshold to a cgroup limit above it, else the threshold plus the budget.
+fn hold_ceiling(
+    configured: Result<config::HoldCeiling, ConfigError>,
+    threshold: isize,
+    limit: Option<&limits::MemoryLimit>,
+) -> Option<(isize, String)> {
+    use config::HoldCeiling;
+    let configured = configured.unwrap_or_else(|e| {
+        emit(
+            Level::Warn,
+            format_args!("{e}; the hold ceiling takes its default"),
+        );
+        HoldCeiling::Default
+    });
+    match configured {
+        HoldCeiling::Off => return None,
+        HoldCeiling::Bytes(b) if b as isize > threshold => {
+            return Some((
+                b as isize,
+                format!("{} MiB, as set", b / config::BYTES_PER_MIB),
+            ))
+        }
+        HoldCeiling::Bytes(b) => emit(
+            Level::Warn,
+            format_args!(
+                "hold ceiling ({}) of {} MiB is not above the threshold of {} MiB; it takes \
+                 its default",
+                config::HOLD_CEILING_ENV,
+                b / config::BYTES_PER_MIB,
+                threshold as u64 / config::BYTES_PER_MIB
+            ),
+        ),
+        HoldCeiling::Default => {}
+    }
+    let found;
+    let limit = match limit {
+        Some(l) => Some(l),
+        None => {
+            found = limits::memory_limit();
+            found.as_ref()
+        }
+    };
+    match limit {
+        Some(l)
+            if !matches!(l.source, limits::LimitSource::Ram)
+                && l.bytes as i128 > threshold as i128 =>
+        {
+            let bytes = threshold + ((l.bytes as i128 - threshold as i128) / 2) as isize;
+            Some((
+                bytes,
+                format!(
+                    "halfway to the limit of {} MiB",
+                    l.bytes / config::BYTES_PER_MIB
+                ),
+            ))
+        }
+        _ => {
+            let bytes = threshold.saturating_add(count::budget() as isize);
+            Some((bytes, "the threshold plus the error budget".to_owned()))
+        }
+    }
+}
+
+/// The start line's words for the hold ceiling.
+fn describe_ceiling(ceiling: Option<&(isize, String)>) -> String {
+    match ceiling {
+        None => "no hold after the trip".to_owned(),
+        Some((bytes, why)) => format!(
+            "allocations held after the trip past {} MiB ({why})",
+            *bytes as u64 / config::BYTES_PER_MIB
+        ),
+    }
+}
+
+/// `code` if a process can end with it and a supervisor tell it from a
+/// normal stop (`1..=255`); otherwise [`DEFAULT_EXIT_CODE`], with a warning.
+fn checked_exit_code(code: i32) -> i32 {
+    if (1..=255).contains(&code) {
+        return code;
+    }
+    emit(
+        Level::Warn,
+        format_args!(
+            "memory watchdog: exit code {code} is outside 1..=255 (a process ends with the low \
+             8 bits of its exit status, so {code} would end as {}); using {DEFAULT_EXIT_CODE}",
+            code & 0xff
+        ),
+    );
+    DEFAULT_EXIT_CODE
 }
 
 /// The longest grace or recheck period memwatch takes: a day. A longer one
@@ -694,6 +825,10 @@ fn forget_watchdog_in_forked_children() {
 /// `Off`), warnings and errors go to standard error instead, so that a bad
 /// value or a trip is never silent.
 pub(crate) fn emit(level: Level, args: fmt::Arguments<'_>) {
+    // The watchdog thread's lines go through its log thread.
+    if crate::shutdown::deferred(level, args) {
+        return;
+    }
     if log::max_level() == log::LevelFilter::Off {
         if level <= Level::Warn {
             // One write per line (stderr is unbuffered), so that lines from

@@ -47,7 +47,10 @@ pub fn exact() {
         facts.push(("worker ended moved", live() - base));
 
         let base = live();
-        facts.push(("aligned cases failed", memwatch_test_c_aligned_cases() as i64));
+        facts.push((
+            "aligned cases failed",
+            memwatch_test_c_aligned_cases() as i64,
+        ));
         facts.push(("aligned cases moved", live() - base));
 
         let base = live();
@@ -61,4 +64,3 @@ pub fn exact() {
         println!("{k}: {v}");
     }
 }
-

@@ -945,6 +945,13 @@ pub fn busy_trip() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(128);
+    // Most of the way up first, while the cores are free; the last steps
+    // with every core busy.
+    let near = memwatch::armed_threshold_bytes()
+        .unwrap_or(0)
+        .saturating_sub(4 << 20)
+        >> 20;
+    let base: Vec<Vec<u8>> = (0..near).map(|_| touched(1)).collect();
     for _ in 0..busy {
         thread::Builder::new()
             .stack_size(64 << 10)
@@ -955,6 +962,7 @@ pub fn busy_trip() {
     }
     thread::sleep(Duration::from_millis(50));
     let held = grow_until_tripped(1024, Duration::ZERO);
+    std::hint::black_box(&base);
     watchdog.exit_if_tripped();
     println!("finished without a trip, holding {} MiB", held.len());
 }

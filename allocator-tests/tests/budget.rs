@@ -102,7 +102,8 @@ fn assert_small_frees_for_large_allocations_trip(bin: &str, jemalloc: bool) {
     let r = run_with_args(bin, &["hide"], &[(THRESHOLD, "256")], LIMIT);
     assert_eq!(r.code(), Some(2), "{r:#?}");
     assert_eq!(
-        r.stderr_lines("[memwatch ERROR] memory threshold crossed").len(),
+        r.stderr_lines("[memwatch ERROR] memory threshold crossed")
+            .len(),
         1,
         "{r:#?}"
     );

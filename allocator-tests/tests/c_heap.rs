@@ -59,7 +59,8 @@ fn c_allocations_alone_trip_the_heap_threshold() {
     let r = run_with_args("c_heap", &["trip"], &[(THRESHOLD, "64")], LIMIT);
     assert_eq!(r.code(), Some(2), "{r:#?}");
     assert_eq!(
-        r.stderr_lines("[memwatch ERROR] memory threshold crossed").len(),
+        r.stderr_lines("[memwatch ERROR] memory threshold crossed")
+            .len(),
         1,
         "{r:#?}"
     );

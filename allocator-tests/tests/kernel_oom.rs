@@ -314,7 +314,9 @@ impl CpuHog {
                 std::thread::spawn(move || {
                     let mut x = 0u64;
                     while !stop.load(Relaxed) {
-                        x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+                        x = std::hint::black_box(
+                            x.wrapping_mul(6364136223846793005).wrapping_add(1),
+                        );
                     }
                 })
             })
@@ -359,7 +361,12 @@ fn held_runs(name: &str, limit: u64, bin: &str, args: &[&str], threshold_mib: &s
             .expect("spawn the scenario");
         let kills = cg.oom_kills();
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "run {run}: {:?}: {stderr}", out.status);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "run {run}: {:?}: {stderr}",
+            out.status
+        );
         assert_eq!(kills, Some(0), "run {run}: oom_kill {kills:?}: {stderr}");
         assert!(
             stderr.contains("[memwatch ERROR] memory threshold crossed"),

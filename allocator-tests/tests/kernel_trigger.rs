@@ -291,7 +291,10 @@ fn the_trigger_follows_a_lowered_limit_while_pressure_events_keep_coming() {
     // the kernel reclaiming for as long as it runs.
     let dir = scratch("busy-resize");
     let file = dir.join("stream");
-    let mut writer = cg.command(&bin_path("page_cache_writer"), &[file.to_str().unwrap(), "100000"]);
+    let mut writer = cg.command(
+        &bin_path("page_cache_writer"),
+        &[file.to_str().unwrap(), "100000"],
+    );
     clean(&mut writer);
     let mut writer = writer
         .stdin(Stdio::null())

@@ -7,23 +7,23 @@
 //!
 //! - at every **look** the thread reads its two counters, publishes their
 //!   net since its last fold in its slot (or folds it into the shared total
-//!   once it exceeds the thread's allowance) and sets two **marks**: each
-//!   counter as it is now plus the thread's interval;
-//! - the fast path of an allocation checks that the allocated counter plus
-//!   the request stays below its mark, a free the same of the deallocated
-//!   counter and the block's size, then jumps into jemalloc (two loads, an
-//!   add, a compare and a branch: the whole of memwatch's part). A call
-//!   that would reach a mark goes to the cold path, which makes the call
-//!   and then looks;
-//! - so between two looks each counter moves by less than the interval plus
-//!   what jemalloc rounds the last call up by: less than 1.25 times the
-//!   interval plus 16 bytes either way, **whatever the sizes, alignments,
-//!   reallocations and cross-thread frees** (docs/design.md, "The error
-//!   bound");
+//!   once it exceeds the thread's allowance) and sets two **credits**, one
+//!   for allocations and one for frees, to its interval (the floor plus its
+//!   allowance, at most the slack);
+//! - the fast path of an allocation takes the call's weight (its size plus
+//!   16) from the allocation credit, a free from the free credit, and jumps
+//!   into jemalloc unless the credit ran out (a subtraction from a
+//!   thread-local word and a branch on its borrow: the whole of memwatch's
+//!   part). A call the credit does not cover goes to the cold path, which
+//!   makes the call and then looks;
+//! - jemalloc's usable size is at most 1.25 times a call's weight, and the
+//!   two credits never add back what the other side took, so between two
+//!   looks each counter moves by less than 1.25 times the interval,
+//!   **whatever the sizes, alignments, reallocations and cross-thread
+//!   frees** (docs/design.md, "The error bound");
 //! - a thread's first call through the allocator, whatever started the
-//!   thread, finds marks of 0 and counters that point at [`NOT_COUNTING`],
-//!   so it goes to the cold path, which claims a slot and reads the
-//!   addresses of the thread's two counters;
+//!   thread, finds credits of 0, so it goes to the cold path, which claims a
+//!   slot and reads the addresses of the thread's two counters;
 //! - at the thread's end, what is left is folded and the slot freed.
 //!
 //! Only the owner ever reads its jemalloc counters, so no memory that
@@ -52,7 +52,7 @@ use crate::sync::{AtomicBool, AtomicUsize};
 
 /// The least interval between two looks, whatever the thread's allowance
 /// (a thread of a process with many threads may hold none): 48 KiB. Each
-/// thread's unpublished count then stays below 1.25 × 48 KiB + 16 B, under
+/// thread's unpublished count then stays below 1.25 × 48 KiB, under
 /// 64 KiB, beside its share of the budget's pool.
 pub(crate) const FLOOR: usize = 48 << 10;
 
@@ -69,17 +69,16 @@ pub(crate) const fn interval(allowance: usize, slack: usize) -> usize {
     }
 }
 
-/// The most a thread with `interval` can hold unpublished, either way: each
-/// counter moves by less than the interval before the fast path stops, plus
-/// what jemalloc rounds the last call's request up by, which is less than a
-/// quarter of the request or 16 bytes (see [`charge`]).
+/// The most a thread with `interval` can hold unpublished, either way:
+/// the calls it made since its last look weigh less than the interval, and
+/// their usable sizes are at most 1.25 times their weight (see [`weight`]).
 #[cfg(test)]
 pub(crate) const fn unpublished_bound(interval: usize) -> usize {
-    interval + interval / 4 + 16
+    interval + interval / 4
 }
 
-/// What the counters of a thread that counts nothing point at: 0, with
-/// marks of 0, so that every call misses the fast path.
+/// What the counters of a thread that counts nothing point at: 0 (it has
+/// credits of 0 too, so that every call misses the fast path).
 static NOT_COUNTING: u64 = 0;
 
 /// The slots of threads whose jemalloc counters memwatch reads.
@@ -88,15 +87,23 @@ static TABLE: Table = Table::new();
 /// The calling thread's words, in one thread-local so that code touching
 /// several of them computes the thread-local address once.
 struct Thread {
+    /// What the thread's allocations may still weigh before it looks: the
+    /// interval at its last look, less the weight of every allocation
+    /// since. 0 while the thread counts nothing, so that every call goes to
+    /// the cold path (which also puts back a credit that a call took below
+    /// zero).
+    alloc_credit: Cell<u64>,
+    /// The same for frees.
+    free_credit: Cell<u64>,
     /// jemalloc's `thread.allocated` of this thread, or [`NOT_COUNTING`].
     allocated: Cell<*const u64>,
-    /// An allocation stays on the fast path while `allocated` plus its
-    /// request is below this; 0 while the thread counts nothing.
-    alloc_mark: Cell<u64>,
     /// jemalloc's `thread.deallocated` of this thread, or [`NOT_COUNTING`].
     deallocated: Cell<*const u64>,
-    /// The same for frees, on `deallocated`.
-    free_mark: Cell<u64>,
+    /// The two counters at the last look, and the interval set then: what
+    /// a C call, which has no size to weigh before it, is checked against
+    /// after it.
+    looked: Cell<(u64, u64)>,
+    step: Cell<u64>,
     state: Cell<u8>,
     slot: Cell<*const Slot>,
     /// `allocated - deallocated` as of the last fold (or the join).
@@ -114,15 +121,17 @@ thread_local! {
     // at any point of a thread's life.
     static THREAD: Thread = const {
         Thread {
+            alloc_credit: Cell::new(0),
+            free_credit: Cell::new(0),
             allocated: Cell::new(&NOT_COUNTING),
-            alloc_mark: Cell::new(0),
             deallocated: Cell::new(&NOT_COUNTING),
-            free_mark: Cell::new(0),
+            looked: Cell::new((0, 0)),
+            step: Cell::new(0),
             state: Cell::new(UNREGISTERED),
             slot: Cell::new(ptr::null()),
             folded: Cell::new(0),
             allowance: Cell::new(0),
-            slack: Cell::new(super::DEFAULT_SLACK),
+            slack: Cell::new(UNKNOWN),
         }
     };
 }
@@ -130,7 +139,14 @@ thread_local! {
 /// The slack of the allocator that made the last join through a Rust call:
 /// what a thread that joins through a C call ([`crate::c_heap!`]) decides
 /// with. Relaxed: a process has one global allocator, so one slack.
-static SLACK: AtomicUsize = AtomicUsize::new(super::DEFAULT_SLACK);
+static SLACK: AtomicUsize = AtomicUsize::new(UNKNOWN);
+
+/// [`SLACK`] before any Rust call has looked, and the slack of a thread
+/// that joined through a C call then: until a Rust call tells the slack,
+/// such a thread looks and folds after every call (exact, as a slack of 0
+/// is), and the first Rust call of any thread, finding no credit, looks and
+/// tells it.
+const UNKNOWN: usize = usize::MAX;
 
 /// The alignment jemalloc gives every block without being asked (C's
 /// `max_align_t`): tikv-jemallocator calls plain `malloc` for blocks
@@ -148,70 +164,72 @@ pub(crate) const fn plain(layout: Layout) -> bool {
     layout.align() <= PLAIN_ALIGN && layout.align() <= layout.size()
 }
 
-/// What a call of `layout` is checked against a mark with: its size for a
-/// plain block, and its size plus its alignment otherwise. jemalloc's usable
-/// size for it is less than 1.25 times that plus 16 bytes: a request of up
-/// to 128 bytes is rounded to 8 or a multiple of 16, a larger one to one of
-/// four classes per doubling (or, on 5.3.1, a large one to whole pages,
-/// which is finer), so by less than a quarter of it; an aligned one is
-/// first padded to its alignment.
+/// What a call of `layout` weighs against a credit: its size plus 16, and
+/// for an aligned block its alignment too (and 256 KiB more past 4 KiB).
+/// jemalloc's usable size for it is at most 1.25 times that: a request of up
+/// to 8 bytes gets 8, up to 128 bytes a multiple of 16, a larger one one of
+/// four classes per doubling (or, on 5.3.1, a large one whole pages, which
+/// is finer), so less than a quarter more; an aligned one is first padded to
+/// its alignment, and one aligned past a page is a large block of at least
+/// four pages (the 256 KiB covers pages of up to 64 KiB).
 #[inline(always)]
-pub(crate) const fn charge(layout: Layout) -> u64 {
+pub(crate) const fn weight(layout: Layout) -> u64 {
+    let size = layout.size() as u64 + 16;
     if plain(layout) {
-        layout.size() as u64
+        size
+    } else if layout.align() <= 4096 {
+        size + layout.align() as u64
     } else {
-        layout.size() as u64 + layout.align() as u64
+        size + layout.align() as u64 + (256 << 10)
     }
 }
 
-/// The fast path of an allocation of `layout`: whether the thread's
-/// allocated counter plus the request stays below its mark, so that the
-/// call may go straight to jemalloc. Only plain blocks: the compiler then
-/// knows that the call into jemalloc that follows is plain `malloc`, and
-/// merges the two tests.
+/// The fast path of an allocation of `layout`: takes its weight from the
+/// thread's allocation credit and returns whether the credit covered it,
+/// so that the call may go straight to jemalloc. Only plain blocks: the
+/// compiler then knows that the call into jemalloc that follows is plain
+/// `malloc`, and merges the two tests. A call the credit does not cover
+/// leaves it below zero (wrapped) for the cold path to set again.
 #[inline(always)]
 pub(crate) fn add(layout: Layout) -> bool {
-    plain(layout) && THREAD.with(|t| below(&t.allocated, layout.size() as u64, &t.alloc_mark))
+    plain(layout) && THREAD.with(|t| spend(&t.alloc_credit, layout.size() as u64 + 16))
 }
 
-/// The fast path of a free of `layout`: the same on the deallocated counter.
+/// The fast path of a free of `layout`: the same on the free credit.
 #[inline(always)]
 pub(crate) fn take(layout: Layout) -> bool {
-    plain(layout) && THREAD.with(|t| below(&t.deallocated, layout.size() as u64, &t.free_mark))
+    plain(layout) && THREAD.with(|t| spend(&t.free_credit, layout.size() as u64 + 16))
 }
 
 /// The fast path of a reallocation of a block of `layout` to `new_size`
 /// bytes: jemalloc moves the allocated counter by the new block and the
-/// deallocated one by the old, so both must stay below their marks.
+/// deallocated one by the old, so each weighs on its credit.
 #[inline(always)]
 pub(crate) fn resize(layout: Layout, new_size: usize) -> bool {
     // Plain at both sizes: tikv-jemallocator then calls plain `realloc`.
     plain(layout)
         && layout.align() <= new_size
         && THREAD.with(|t| {
-            below(&t.allocated, new_size as u64, &t.alloc_mark)
-                && below(&t.deallocated, layout.size() as u64, &t.free_mark)
+            spend(&t.alloc_credit, new_size as u64 + 16)
+                & spend(&t.free_credit, layout.size() as u64 + 16)
         })
 }
 
-/// Whether `*counter + charge < mark`: the counter of the calling thread
-/// (or [`NOT_COUNTING`]) read as it is between two of its jemalloc calls.
+/// Takes `weight` from `credit`; whether it covered it. Wrapping: a
+/// request is at most `isize::MAX`, so a credit taken below zero wraps to
+/// far above any interval, and the cold path, which every such call
+/// reaches, sets it again.
 #[inline(always)]
-fn below(counter: &Cell<*const u64>, charge: u64, mark: &Cell<u64>) -> bool {
-    // SAFETY: `counter` points at `NOT_COUNTING` or, on an `ACTIVE` thread,
-    // at one of the counters jemalloc gave for this very thread (see `net`),
-    // which only this thread writes, inside jemalloc's calls, and none is
-    // running on this thread now.
-    let now = unsafe { *counter.get() };
-    // Wrapping: the counters are byte totals of one thread's life, far
-    // below 2^63; a charge is at most `isize::MAX` plus an alignment.
-    now.wrapping_add(charge) < mark.get()
+fn spend(credit: &Cell<u64>, weight: u64) -> bool {
+    let (left, short) = credit.get().overflowing_sub(weight);
+    credit.set(left);
+    !short
 }
 
 /// What a call that missed the fast path does around the inner call.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Cold {
-    /// An aligned call that stays below the marks: the call alone.
+    /// An aligned call that its credit covers: the call alone.
     Fits,
     /// The call, then a look at the counters ([`look_now`]).
     Look,
@@ -230,11 +248,12 @@ pub(crate) fn cold(layout: Layout, free: bool, slack: usize) -> Cold {
         return Cold::Look;
     }
     let fits = THREAD.with(|t| {
-        if free {
-            below(&t.deallocated, charge(layout), &t.free_mark)
+        let credit = if free {
+            &t.free_credit
         } else {
-            below(&t.allocated, charge(layout), &t.alloc_mark)
-        }
+            &t.alloc_credit
+        };
+        credit.get() >= weight(layout) && spend(credit, weight(layout))
     });
     if fits {
         Cold::Fits
@@ -258,6 +277,9 @@ pub(crate) fn cold_resize(slack: usize) -> Cold {
 /// `slack`.
 #[inline]
 pub(crate) fn look_now(slack: usize) {
+    // A thread that joined through a C call took the process's slack as it
+    // stood then; the Rust calls keep it up to date for the next C join.
+    note_slack(slack);
     THREAD.with(|t| {
         t.slack.set(slack);
         look(t);
@@ -267,11 +289,20 @@ pub(crate) fn look_now(slack: usize) {
 /// Whether the calling thread has a slot, joining if it never tried.
 #[inline]
 fn joined(slack: usize) -> bool {
-    match THREAD.with(|t| t.state.get()) {
+    let joined = match THREAD.with(|t| t.state.get()) {
         ACTIVE => true,
         UNREGISTERED => join(slack),
         _ => false,
+    };
+    if !joined {
+        // The fast path took the credits below zero: back to 0, so that
+        // every call of a thread that counts nothing comes here.
+        THREAD.with(|t| {
+            t.alloc_credit.set(0);
+            t.free_credit.set(0);
+        });
     }
+    joined
 }
 
 /// The `mallctl` names of the thread's two counters. A test build renames
@@ -321,7 +352,7 @@ fn join(slack: usize) -> bool {
         t.folded.set(counted(a, d));
         t.slack.set(slack);
         t.state.set(ACTIVE);
-        // The marks last: from here on the fast path reads the counters.
+        // The counters last: the look below reads them and sets the credits.
         t.allocated.set(a);
         t.deallocated.set(d);
         look(t);
@@ -342,7 +373,7 @@ fn counted(allocated: *const u64, deallocated: *const u64) -> u64 {
 
 /// Publishes what the thread counted since its last fold, folding it into
 /// the total once it exceeds the thread's allowance either way, settles the
-/// allowance and sets the marks one interval past the counters.
+/// allowance and sets both credits to its interval.
 #[inline(always)]
 fn look(t: &Thread) {
     #[cfg(test)]
@@ -352,7 +383,17 @@ fn look(t: &Thread) {
     let (allocated, deallocated) = unsafe { (*a, *d) };
     let net = allocated.wrapping_sub(deallocated);
     let pending = net.wrapping_sub(t.folded.get()) as isize;
-    let slack = t.slack.get();
+    let slack = match t.slack.get() {
+        UNKNOWN => match SLACK.load(Relaxed) {
+            // Relaxed: see `SLACK`.
+            UNKNOWN => 0,
+            known => {
+                t.slack.set(known);
+                known
+            }
+        },
+        slack => slack,
+    };
     let held = t.allowance.get();
     let kept = settle(held, slack);
     // SAFETY: an `ACTIVE` thread's slot, claimed by it and held until it
@@ -370,8 +411,10 @@ fn look(t: &Thread) {
     }
     t.allowance.set(kept);
     let step = interval(kept, slack) as u64;
-    t.alloc_mark.set(allocated.wrapping_add(step));
-    t.free_mark.set(deallocated.wrapping_add(step));
+    t.alloc_credit.set(step);
+    t.free_credit.set(step);
+    t.looked.set((allocated, deallocated));
+    t.step.set(step);
 }
 
 /// [`look`]'s fold, out of line.
@@ -394,13 +437,25 @@ pub(crate) fn c_ready() -> bool {
 }
 
 /// After a C call on a thread with a slot (C gives no size for a free, so
-/// the check comes after the call): a look once either counter reached its
-/// mark. Between two calls both stay below their marks, as for Rust calls.
+/// the check comes after the call): a look once either counter has moved by
+/// the interval since the last look; otherwise each credit is cut to what is
+/// left of the interval, so that Rust calls after it cannot take the
+/// counter further than Rust calls alone could. Between two calls both
+/// counters stay within 1.25 times the interval of the last look, as for
+/// Rust calls.
 #[inline]
 pub(crate) fn c_after() {
     THREAD.with(|t| {
-        if !below(&t.allocated, 0, &t.alloc_mark) || !below(&t.deallocated, 0, &t.free_mark) {
+        // SAFETY: as in `counted`: an `ACTIVE` thread's own counters.
+        let (a, d) = unsafe { (*t.allocated.get(), *t.deallocated.get()) };
+        let (la, ld) = t.looked.get();
+        let step = t.step.get();
+        let (moved_a, moved_d) = (a.wrapping_sub(la), d.wrapping_sub(ld));
+        if moved_a >= step || moved_d >= step {
             look(t);
+        } else {
+            t.alloc_credit.set(t.alloc_credit.get().min(step - moved_a));
+            t.free_credit.set(t.free_credit.get().min(step - moved_d));
         }
     });
 }
@@ -411,25 +466,23 @@ pub(crate) fn c_after() {
 fn note_slack(slack: usize) {
     // Relaxed: see `SLACK`. The load first: the word is read by every C
     // join and written once.
-    if SLACK.load(Relaxed) != slack {
+    if slack != UNKNOWN && SLACK.load(Relaxed) != slack {
         SLACK.store(slack, Relaxed);
     }
 }
 
 /// The most that `threads` live threads other than the caller can hold
-/// unpublished in all, either way: each less than 1.25 times its interval
-/// plus 16 bytes, each interval at most the slack and at most the floor
+/// unpublished in all, either way: each less than 1.25 times its interval,
+/// each interval at most the slack and at most the floor
 /// plus the thread's allowance, and the allowances within the pool
 /// together.
 pub(crate) fn unpublished_in_all(threads: usize) -> usize {
-    // Relaxed: see `SLACK`.
+    // Relaxed: see `SLACK`. Unknown: the largest a slack can be.
     let slack = SLACK.load(Relaxed);
     let intervals = threads
         .saturating_mul(slack)
         .min(threads.saturating_mul(FLOOR).saturating_add(super::pool()));
-    intervals
-        .saturating_add(intervals / 4)
-        .saturating_add(threads.saturating_mul(16))
+    intervals.saturating_add(intervals / 4)
 }
 
 /// Publishes the calling thread's count, so that a reading it takes is
@@ -466,8 +519,8 @@ pub(crate) fn leave() {
         give_back(t.allowance.replace(0));
         t.allocated.set(&NOT_COUNTING);
         t.deallocated.set(&NOT_COUNTING);
-        t.alloc_mark.set(0);
-        t.free_mark.set(0);
+        t.alloc_credit.set(0);
+        t.free_credit.set(0);
         Some(t.slot.replace(ptr::null()))
     });
     if let Some(slot) = slot {
@@ -485,7 +538,7 @@ pub(crate) fn add_pending(sum: &mut isize, ahead: &mut isize) {
 
 /// In a forked child: folds and frees every slot but the calling thread's;
 /// returns how many it freed. What the other threads did since they last
-/// looked is lost: less than 1.25 times their interval plus 16 bytes each.
+/// looked is lost: less than 1.25 times their interval each.
 pub(crate) fn forget_other_threads() -> usize {
     TABLE.forget_all_but(THREAD.with(|t| t.slot.get()), &TOTAL)
 }
@@ -546,7 +599,7 @@ pub(crate) fn looks() -> usize {
 #[cfg(test)]
 pub(crate) fn own_interval() -> usize {
     THREAD.with(|t| {
-        if t.state.get() == ACTIVE {
+        if t.state.get() == ACTIVE && t.slack.get() != UNKNOWN {
             interval(t.allowance.get(), t.slack.get())
         } else {
             0

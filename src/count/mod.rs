@@ -6,7 +6,14 @@
 //! - [`table`]: the slots of all threads, in memory never freed.
 //! - [`own`]: memwatch's own count of requested sizes, over any allocator.
 //! - [`jemalloc`]: over jemalloc on Linux, jemalloc's own per-thread
-//!   counters, looked at once a thread's net has moved by 48 KiB.
+//!   counters, looked at once a call's weight is more than the credit left
+//!   of the thread's interval.
+//!
+//! The threads draw their allowances (how much each may keep unfolded, and
+//! over jemalloc its interval past the floor) from one pool, 4/13 of the
+//! error budget, so that the error bound holds however the thread count
+//! moved since each thread last decided (docs/design.md, "The error
+//! bound").
 //!
 //! A thread joins on its first call through the allocator, whatever started
 //! it, and leaves from a `pthread` key destructor, which the C library runs
@@ -266,13 +273,94 @@ mod process {
     /// The exact reading: every taken slot's pending delta, then the total.
     ///
     /// Exact once threads are quiescent for memwatch's own count; over
-    /// jemalloc, each other running thread may have up to 60 KiB of net
-    /// allocation or free it has not published yet (the calling thread publishes its
+    /// jemalloc, each other live thread may hold less than 1.25 times its
+    /// interval unpublished (the calling thread publishes its
     /// own first).
     pub(crate) fn live_bytes() -> isize {
         #[cfg(memwatch_jemalloc_counts)]
         super::jemalloc::publish_own();
         reading().0
+    }
+
+    /// The heap a thread may take the process to after the trip before its
+    /// next allocation waits for the exit (see [`hold_if_over`]);
+    /// `isize::MAX` (never) until the watchdog sets it.
+    static CEILING: AtomicIsize = AtomicIsize::new(isize::MAX);
+
+    /// Sets the ceiling; `isize::MAX` turns the hold off.
+    pub(crate) fn set_ceiling(bytes: isize) {
+        // Relaxed: read only once the latch has tripped, which the
+        // watchdog's start orders after this store (SeqCst on the levels).
+        CEILING.store(bytes, Relaxed);
+    }
+
+    /// The ceiling in force, if any.
+    pub(crate) fn ceiling() -> Option<isize> {
+        // Relaxed: see `set_ceiling`.
+        match CEILING.load(Relaxed) {
+            isize::MAX => None,
+            c => Some(c),
+        }
+    }
+
+    std::thread_local! {
+        /// Whether the calling thread never waits at the ceiling: memwatch's
+        /// own threads (the hooks run on one) and threads the application
+        /// names with [`crate::exempt_from_hold`].
+        static EXEMPT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    /// Exempts the calling thread from the hold at the ceiling.
+    pub(crate) fn exempt_current_thread() {
+        EXEMPT.with(|e| e.set(true));
+    }
+
+    /// Before an allocation that may take the heap up by `size` bytes, on
+    /// the cold path: once the latch has tripped, a thread whose allocation
+    /// would take the exact reading past the ceiling waits until the heap
+    /// falls below it (the hooks free memory) or the process ends, which the
+    /// grace deadline bounds. Far from the trip this is one load. The wait
+    /// is a sleep of 1 ms at a time: no allocation, no lock.
+    #[inline]
+    pub(crate) fn hold_if_over(size: usize) {
+        if latch::tripped_at().is_some() {
+            hold_cold(size);
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn hold_cold(size: usize) {
+        let Some(ceiling) = ceiling() else {
+            return;
+        };
+        if EXEMPT.with(std::cell::Cell::get) {
+            return;
+        }
+        let size = size.min(isize::MAX as usize) as isize;
+        let over = || reading().0.saturating_add(size) > ceiling;
+        if !over() {
+            return;
+        }
+        HOLDING.fetch_add(1, Relaxed);
+        let pause = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 1_000_000,
+        };
+        while over() {
+            // SAFETY: `nanosleep` reads one valid timespec and writes no
+            // remainder (null); it neither allocates nor locks.
+            unsafe { libc::nanosleep(&pause, std::ptr::null_mut()) };
+        }
+        HOLDING.fetch_sub(1, Relaxed);
+    }
+
+    /// How many threads wait at the ceiling now. Relaxed: a statistic.
+    static HOLDING: AtomicUsize = AtomicUsize::new(0);
+
+    /// How many threads wait at the ceiling now.
+    pub(crate) fn holding() -> usize {
+        HOLDING.load(Relaxed)
     }
 
     /// The most a reading taken now can miss, either way, of what the live

@@ -1,6 +1,7 @@
 //! memwatch's own count, over any inner allocator: each call adds its
 //! requested size to the calling thread's slot, and a slot whose pending
-//! delta leaves the slack window is folded into the shared total.
+//! delta leaves its window (the thread's allowance from the budget's pool,
+//! at most the slack) is folded into the shared total.
 //!
 //! The design is the Linux kernel's `percpu_counter`, with threads in place
 //! of CPUs: the fast path is a load, an add, one compare and a store on the
