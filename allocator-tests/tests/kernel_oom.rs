@@ -212,7 +212,7 @@ fn ratio_levels_follow_a_resize_of_the_cgroup() {
         .spawn()
         .expect("spawn holds_and_waits");
     let lines = common::lines_of(&mut child);
-    let mut seen = Vec::new();
+    let mut seen: Vec<String> = Vec::new();
     // A line may come before one logged earlier: the watchdog's own lines
     // go through its log thread, the soft level's through the pressure
     // thread. So a line already seen counts too.
