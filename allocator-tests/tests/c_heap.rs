@@ -10,16 +10,19 @@ use common::{run_with_args, THRESHOLD};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
+/// A figure the scenario printed, as a number.
+fn number(r: &common::Run, k: &str) -> i64 {
+    r.fact(k)
+        .unwrap_or_else(|| panic!("no {k:?}: {r:#?}"))
+        .parse()
+        .unwrap()
+}
+
 #[test]
 fn c_and_cxx_allocations_count_like_the_rust_heap() {
     let r = run_with_args("c_heap", &["exact"], &[], LIMIT);
     assert_eq!(r.code(), Some(0), "{r:#?}");
-    let fact = |k: &str| -> i64 {
-        r.fact(k)
-            .unwrap_or_else(|| panic!("no {k:?}: {r:#?}"))
-            .parse()
-            .unwrap()
-    };
+    let fact = |k: &str| number(&r, k);
     // The calling thread's reading is exact: 100 x 1 MiB from C's malloc.
     let usable = fact("main malloc usable");
     assert!(usable >= 100 << 20, "{usable}");
@@ -106,12 +109,7 @@ fn only_the_binary_that_invokes_the_macro_defines_malloc() {
 fn with_no_slack_c_allocations_are_read_exactly_on_every_thread() {
     let r = run_with_args("c_heap_no_slack", &[], &[], LIMIT);
     assert_eq!(r.code(), Some(0), "{r:#?}");
-    let fact = |k: &str| -> i64 {
-        r.fact(k)
-            .unwrap_or_else(|| panic!("no {k:?}: {r:#?}"))
-            .parse()
-            .unwrap()
-    };
+    let fact = |k: &str| number(&r, k);
     for what in ["main malloc", "worker large", "worker all", "cxx new"] {
         assert_eq!(
             fact(&format!("{what} moved")),

@@ -459,18 +459,22 @@ fn huge_durations_are_clamped_with_a_warning_and_still_exit_2() {
     assert!(on[0].contains("grace 86400s"), "{r:#?}");
 }
 
-/// Standard error is a pipe that nobody reads and that is full when the
-/// latch trips: every log line would block. The hook still runs and the
-/// process exits 2 within the grace period plus a second.
-#[test]
-fn a_full_stderr_pipe_holds_up_neither_the_hooks_nor_the_exit() {
+/// Runs `stderr_blocked` with `env`, its standard error a pipe held open
+/// and never read; returns its exit status, how long it ran and the hooks'
+/// trace.
+fn run_with_stderr_unread(
+    name: &str,
+    env: &[(&str, &str)],
+) -> (std::process::ExitStatus, Duration, String) {
     use std::process::{Command, Stdio};
     use std::time::Instant;
-    let dir = common::scratch("stderr-blocked");
+    let dir = common::scratch(name);
     let trace = dir.join("trace");
-    let mut child = Command::new(common::bin_path("stderr_blocked"))
-        .env(THRESHOLD, "64")
-        .env(GRACE, "2s")
+    let mut cmd = Command::new(common::bin_path("stderr_blocked"));
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd
         .env("SCENARIO_TRACE", &trace)
         .env_remove("RUST_LOG")
         .stdin(Stdio::null())
@@ -492,12 +496,22 @@ fn a_full_stderr_pipe_holds_up_neither_the_hooks_nor_the_exit() {
         std::thread::sleep(Duration::from_millis(10));
     };
     let took = started.elapsed();
+    let hooks = std::fs::read_to_string(&trace).unwrap_or_default();
+    let _ = std::fs::remove_dir_all(&dir);
+    (status, took, hooks)
+}
+
+/// Standard error is a pipe that nobody reads and that is full when the
+/// latch trips: every log line would block. The hook still runs and the
+/// process exits 2 within the grace period plus a second.
+#[test]
+fn a_full_stderr_pipe_holds_up_neither_the_hooks_nor_the_exit() {
+    let (status, took, hooks) =
+        run_with_stderr_unread("stderr-blocked", &[(THRESHOLD, "64"), (GRACE, "2s")]);
     assert_eq!(status.code(), Some(2), "{status:?}");
     // 0.3 s before the heap grows, the 2 s grace, a second for the rest.
     assert!(took < Duration::from_millis(3300), "took {took:?}");
-    let hooks = std::fs::read_to_string(&trace).unwrap_or_default();
     assert_eq!(hooks.trim(), "hook ran", "the hook ran");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A grace of 0s skips the hooks: the trip line, then the exit code.
@@ -676,39 +690,17 @@ fn the_trip_line_is_written_with_every_core_busy_in_100_of_100_runs() {
 /// trip: exit 2 within the grace period and a second.
 #[test]
 fn a_full_stderr_pipe_from_before_the_shed_level_holds_up_nothing() {
-    use std::process::{Command, Stdio};
-    use std::time::Instant;
-    let dir = common::scratch("stderr-blocked-shed");
-    let trace = dir.join("trace");
-    let mut child = Command::new(common::bin_path("stderr_blocked"))
-        .env(THRESHOLD, "200")
-        .env("ELASTICKV_MEMORY_SHED_THRESHOLD_MB", "100")
-        .env(GRACE, "1s")
-        .env("SCENARIO_TRACE", &trace)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let _unread = child.stderr.take();
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if started.elapsed() > Duration::from_secs(20) {
-            let _ = child.kill();
-            panic!("still running after 20 s with standard error blocked");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    let took = started.elapsed();
+    let (status, took, hooks) = run_with_stderr_unread(
+        "stderr-blocked-shed",
+        &[
+            (THRESHOLD, "200"),
+            ("ELASTICKV_MEMORY_SHED_THRESHOLD_MB", "100"),
+            (GRACE, "1s"),
+        ],
+    );
     assert_eq!(status.code(), Some(2), "{status:?}");
     // 0.3 s before the heap grows, its growth to 200 MiB, the 1 s grace,
     // a second for the rest.
     assert!(took < Duration::from_millis(2800), "took {took:?}");
-    let hooks = std::fs::read_to_string(&trace).unwrap_or_default();
     assert_eq!(hooks.trim(), "hook ran", "the hook ran");
-    let _ = std::fs::remove_dir_all(&dir);
 }
