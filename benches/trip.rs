@@ -35,11 +35,12 @@ fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// The child: holds 60 MiB under a 64 MiB threshold, reports the clock, and
-/// makes the crossing allocation. The watchdog ends it with code 2.
+/// The child: holds 40 MiB under a 64 MiB threshold (busy threads hold up
+/// to 64 KiB each on top), reports the clock, and makes the crossing
+/// allocation. The watchdog ends it with code 2.
 fn child() -> ! {
     let _w = memwatch::Watchdog::new().threshold_mb(64).start();
-    let held: Vec<Vec<u8>> = (0..60).map(|_| vec![1u8; 1 << 20]).collect();
+    let held: Vec<Vec<u8>> = (0..40).map(|_| vec![1u8; 1 << 20]).collect();
     let busy: usize = std::env::var(BUSY)
         .ok()
         .and_then(|b| b.parse().ok())
@@ -56,8 +57,8 @@ fn child() -> ! {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     println!("t0 {}", monotonic_ns());
-    // 8 MiB, above the slack: folded at once, and it crosses.
-    let crossing = std::hint::black_box(vec![1u8; 8 << 20]);
+    // 32 MiB, above the slack: folded at once, and it crosses.
+    let crossing = std::hint::black_box(vec![1u8; 32 << 20]);
     loop {
         std::hint::black_box((&held, &crossing));
         std::thread::park();
