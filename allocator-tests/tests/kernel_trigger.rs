@@ -161,6 +161,54 @@ fn on_cgroup_v2_anonymous_mmap_growth_exits_2() {
     }
 }
 
+/// A command for `bin` in `cg` without the caller's memwatch variables.
+fn clean_command(cg: &Cgroup, bin: &str, args: &[&str]) -> std::process::Command {
+    let mut cmd = cg.command(&bin_path(bin), args);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("ELASTICKV_MEMORY_") {
+            cmd.env_remove(name);
+        }
+    }
+    cmd
+}
+
+/// Starts `mmap_grows` in `cg` with the trigger at 0.7 of the limit, a
+/// 100 ms recheck and `log` as the logger's filter, and waits until it
+/// holds 200 MiB; returns the child, its output lines and those seen.
+fn hold_200_mib(
+    cg: &Cgroup,
+    log: &str,
+) -> (
+    std::process::Child,
+    std::sync::mpsc::Receiver<String>,
+    Vec<String>,
+) {
+    use std::time::{Duration, Instant};
+    let mut child = clean_command(cg, "mmap_grows", &[])
+        .env(THRESHOLD, "4096")
+        .env(RATIO, "0.7")
+        .env("ELASTICKV_MEMORY_LIMIT_RECHECK", "100ms")
+        .env("RUST_LOG", log)
+        .env("GROW_UNTIL_MIB", "200")
+        .env("SCENARIO_CGROUP", cg.dir())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn mmap_grows");
+    let lines = common::lines_of(&mut child);
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !seen.iter().any(|l: &String| l.starts_with("held MiB")) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) => seen.push(line),
+            Err(_) => panic!("never held 200 MiB:\n{}", seen.join("\n")),
+        }
+    }
+    (child, lines, seen)
+}
+
 /// A resize of the cgroup moves the trigger's level: 200 MiB of anonymous
 /// memory held in a 512 MiB cgroup with the trigger at 0.7 (358 MiB) trips
 /// nothing; lowering the limit to 256 MiB (level 179 MiB) trips it within
@@ -179,33 +227,7 @@ fn a_resize_of_the_cgroup_moves_the_trigger_level() {
         Err(why) => return skip_or_fail(&why),
     };
     prepare(&cg);
-    let mut cmd = cg.command(&bin_path("mmap_grows"), &[]);
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("ELASTICKV_MEMORY_") {
-            cmd.env_remove(name);
-        }
-    }
-    let mut child = cmd
-        .env(THRESHOLD, "4096")
-        .env(RATIO, "0.7")
-        .env("ELASTICKV_MEMORY_LIMIT_RECHECK", "100ms")
-        .env("GROW_UNTIL_MIB", "200")
-        .env("SCENARIO_CGROUP", cg.dir())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn mmap_grows");
-    let lines = common::lines_of(&mut child);
-    let mut seen = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !seen.iter().any(|l: &String| l.starts_with("held MiB")) {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match lines.recv_timeout(left) {
-            Ok(line) => seen.push(line),
-            Err(_) => panic!("never held 200 MiB:\n{}", seen.join("\n")),
-        }
-    }
+    let (mut child, lines, mut seen) = hold_200_mib(&cg, "info");
     let limit_file = if cg.version == 1 {
         "memory.limit_in_bytes"
     } else {
@@ -256,52 +278,21 @@ fn the_trigger_follows_a_lowered_limit_while_pressure_events_keep_coming() {
         println!("SKIPPED: pressure events on every reclaim are cgroup v1's");
         return;
     }
-    let clean = |cmd: &mut std::process::Command| {
-        for (name, _) in std::env::vars_os() {
-            if name.to_string_lossy().starts_with("ELASTICKV_MEMORY_") {
-                cmd.env_remove(name);
-            }
-        }
-    };
-    let mut cmd = cg.command(&bin_path("mmap_grows"), &[]);
-    clean(&mut cmd);
-    let mut child = cmd
-        .env(THRESHOLD, "4096")
-        .env(RATIO, "0.7")
-        .env("ELASTICKV_MEMORY_LIMIT_RECHECK", "100ms")
-        .env("RUST_LOG", "info,memwatch::kernel_trigger=debug")
-        .env("GROW_UNTIL_MIB", "200")
-        .env("SCENARIO_CGROUP", cg.dir())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn mmap_grows");
-    let lines = common::lines_of(&mut child);
-    let mut seen = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !seen.iter().any(|l: &String| l.starts_with("held MiB")) {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match lines.recv_timeout(left) {
-            Ok(line) => seen.push(line),
-            Err(_) => panic!("never held 200 MiB:\n{}", seen.join("\n")),
-        }
-    }
+    let (mut child, lines, mut seen) = hold_200_mib(&cg, "info,memwatch::kernel_trigger=debug");
     // The writer fills the rest of the cgroup with page cache and keeps
     // the kernel reclaiming for as long as it runs.
     let dir = scratch("busy-resize");
     let file = dir.join("stream");
-    let mut writer = cg.command(
-        &bin_path("page_cache_writer"),
+    let mut writer = clean_command(
+        &cg,
+        "page_cache_writer",
         &[file.to_str().unwrap(), "100000"],
-    );
-    clean(&mut writer);
-    let mut writer = writer
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn the writer");
+    )
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .expect("spawn the writer");
     // A second of pressure: count the trigger's wake-ups in it.
     let until = Instant::now() + Duration::from_secs(1);
     let mut wakes = 0;
