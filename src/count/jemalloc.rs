@@ -5,9 +5,10 @@
 //! jemalloc 5.3 build). memwatch reads them, on the thread that owns them,
 //! and publishes what moved:
 //!
-//! - at every **look** the thread reads its two counters, publishes their
-//!   net since its last fold in its slot (or folds it into the shared total
-//!   once it exceeds the thread's allowance) and sets two **credits**, one
+//! - at every **look** the thread reads its two counters, publishes in its
+//!   slot the part of their net that the shared total does not hold yet
+//!   (its pending; once that exceeds the thread's allowance either way, it
+//!   folds the excess into the total) and sets two **credits**, one
 //!   for allocations and one for frees, to its interval (the floor plus its
 //!   allowance, at most the slack);
 //! - the fast path of an allocation takes the call's weight (its size plus
@@ -106,7 +107,8 @@ struct Thread {
     step: Cell<u64>,
     state: Cell<u8>,
     slot: Cell<*const Slot>,
-    /// `allocated - deallocated` as of the last fold (or the join).
+    /// The part of `allocated - deallocated` that the total holds: the
+    /// net at the join plus every fold since.
     folded: Cell<u64>,
     /// What the thread holds from the budget's pool: its pending stays
     /// within it, and its interval is the floor plus it.
@@ -371,9 +373,9 @@ fn counted(allocated: *const u64, deallocated: *const u64) -> u64 {
     unsafe { (*allocated).wrapping_sub(*deallocated) }
 }
 
-/// Publishes what the thread counted since its last fold, folding it into
-/// the total once it exceeds the thread's allowance either way, settles the
-/// allowance and sets both credits to its interval.
+/// Publishes what the thread counted that the total does not hold, folding
+/// the excess into the total once it exceeds the thread's allowance either
+/// way, settles the allowance and sets both credits to its interval.
 #[inline(always)]
 fn look(t: &Thread) {
     #[cfg(test)]
@@ -400,7 +402,17 @@ fn look(t: &Thread) {
     // frees it in `leave`; slots are never unmapped.
     let slot = unsafe { &*t.slot.get() };
     if pending.unsigned_abs() > kept {
-        fold_now(t, slot, net, pending);
+        // Only the excess is folded: the pending stays at the edge of the
+        // allowance it left, so a thread whose heap swings by less than
+        // twice its allowance (a loop of blocks larger than its allowance,
+        // each freed before the next) folds once and then never again.
+        // `kept` is at most the slack, below `isize::MAX`.
+        let edge = if pending > 0 {
+            kept as isize
+        } else {
+            -(kept as isize)
+        };
+        fold_now(t, slot, pending - edge, edge);
     } else {
         slot.publish(pending);
     }
@@ -417,12 +429,13 @@ fn look(t: &Thread) {
     t.step.set(step);
 }
 
-/// [`look`]'s fold, out of line.
+/// [`look`]'s fold, out of line: `amount` of the thread's pending into the
+/// total, `left` of it published.
 #[cold]
 #[inline(never)]
-fn fold_now(t: &Thread, slot: &Slot, net: u64, pending: isize) {
-    t.folded.set(net);
-    observe(slot.fold_published(&TOTAL, pending));
+fn fold_now(t: &Thread, slot: &Slot, amount: isize, left: isize) {
+    t.folded.set(t.folded.get().wrapping_add(amount as u64));
+    observe(slot.fold_published(&TOTAL, amount, left));
 }
 
 /// Before a call of the C library's allocation functions routed through
@@ -512,7 +525,7 @@ pub(crate) fn leave() {
         let net = counted(t.allocated.get(), t.deallocated.get());
         let pending = net.wrapping_sub(t.folded.get()) as isize;
         if pending != 0 {
-            fold_now(t, slot, net, pending);
+            fold_now(t, slot, pending, 0);
         } else {
             slot.publish(0);
         }

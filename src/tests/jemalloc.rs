@@ -113,6 +113,38 @@ fn loops_of_alloc_free_pairs_up_to_the_slack_never_touch_the_shared_total() {
     })
 }
 
+/// A thread whose heap swings by more than its allowance but less than
+/// twice it (a loop of blocks larger than the allowance, each freed before
+/// the next is made) folds only the excess, so its pending rests at the
+/// allowance's edge: after the first pair it never folds again, where
+/// folding the whole pending would write the shared total at every call.
+#[test]
+fn a_heap_swinging_within_twice_the_allowance_folds_once_and_then_never() {
+    static SWING: MemWatch<Jemalloc> = MemWatch::new(Jemalloc).with_slack(100 << 10);
+    serial(|| {
+        free(&SWING, alloc(&SWING, 16));
+        let allowance = jemalloc::allowance();
+        assert_eq!(allowance, 100 << 10, "the pool had less to give");
+        let size = 150 << 10;
+        // SAFETY: `nallocx` computes a size class; it allocates nothing.
+        let usable = unsafe { tikv_jemalloc_sys::nallocx(size, 0) };
+        assert!(usable > allowance && usable <= 2 * allowance, "{usable}");
+        let live = counter::live_bytes();
+        for _ in 0..2 {
+            free(&SWING, alloc(&SWING, size));
+        }
+        let folded = counter::folded_bytes();
+        for i in 0..2000 {
+            let b = alloc(&SWING, size);
+            assert_eq!(counter::folded_bytes(), folded, "allocation {i} folded");
+            assert_eq!(counter::live_bytes() - live, usable as isize, "pair {i}");
+            free(&SWING, b);
+            assert_eq!(counter::folded_bytes(), folded, "free {i} folded");
+        }
+        assert_eq!(counter::live_bytes(), live);
+    })
+}
+
 /// A loop of pairs looks at the counters once each counter has moved by
 /// the interval: at most twice per interval of blocks, and never for most
 /// pairs.
